@@ -1,0 +1,1 @@
+"""One uploader per cloud behind one interface (see cloud/base.py)."""

@@ -1,0 +1,1 @@
+"""cos-pipeline: build, boot-test and publish container-based OS images."""

@@ -1,0 +1,132 @@
+"""Atomic outputs and cached content digests.
+
+A stage writes every output under a temporary name and renames it when complete,
+so a stage killed half-way leaves nothing a re-run would take as done.
+
+Digests are cached by (path, size, mtime_ns, inode): a multi-GB artifact is hashed
+once after it changes, not once per dependent task and not again on every no-op
+run after a `touch` (doit's MD5 checker does both, see DigestChecker).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from doit.dependency import FileChangedChecker
+
+CHUNK = 4 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename onto `final` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class DigestCache:
+    """sha256 of files, remembered across runs in one small JSON file."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._path: Path | None = None
+        self._data: dict[str, list] = {}
+        self._dirty = False
+
+    def _load(self) -> None:
+        if self._path is not None:
+            return
+        from .config import build_root  # late: keep this module import-light
+        self._path = build_root() / ".digests.json"
+        try:
+            self._data = json.loads(self._path.read_text())
+        except (FileNotFoundError, ValueError):
+            self._data = {}
+        atexit.register(self.save)
+
+    @staticmethod
+    def _key(st: os.stat_result) -> list:
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def sha256(self, path: Path | str) -> str:
+        path = os.path.abspath(path)
+        with self._lock:
+            self._load()
+            st = os.stat(path)
+            hit = self._data.get(path)
+            if hit and hit[:3] == self._key(st):
+                return hit[3]
+        digest = hash_file(path)
+        self.remember(path, digest, st)
+        return digest
+
+    def remember(self, path: Path | str, digest: str, st: os.stat_result | None = None) -> None:
+        """Record a digest the producer already computed (saves a second read)."""
+        path = os.path.abspath(path)
+        with self._lock:
+            self._load()
+            self._data[path] = self._key(st or os.stat(path)) + [digest]
+            self._dirty = True
+
+    def save(self) -> None:
+        with self._lock:
+            if not self._dirty or self._path is None:
+                return
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self._path, self._data)
+            self._dirty = False
+
+
+DIGESTS = DigestCache()
+
+
+def hash_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(kind: str, path: Path, base: Path) -> dict:
+    """A manifest artifact entry; the digest is cached for doit's checker too."""
+    return {"kind": kind, "path": str(Path(path).relative_to(base)),
+            "sha256": DIGESTS.sha256(path), "size": Path(path).stat().st_size}
+
+
+class DigestChecker(FileChangedChecker):
+    """doit file_dep checker: same mtime -> unchanged; else compare cached sha256."""
+
+    def check_modified(self, file_path, file_stat, state):
+        mtime, size, digest = state
+        if file_stat.st_mtime == mtime:
+            return False
+        if file_stat.st_size != size:
+            return True
+        return DIGESTS.sha256(file_path) != digest
+
+    def get_state(self, dep, current_state):
+        st = os.stat(dep)
+        if current_state and current_state[0] == st.st_mtime:
+            return None
+        return (st.st_mtime, st.st_size, DIGESTS.sha256(dep))

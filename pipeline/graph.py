@@ -1,0 +1,136 @@
+"""Flavors -> doit task dicts. No work is done here: each action calls a stage.
+
+Keys are content, never tags: file_deps are checked by sha256 (files.DigestChecker),
+stages hand each other small JSON records (ids, digests) as files, and config that
+changes an output is a `config_changed` key of the task that makes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from . import image, packages, squashfs, version
+from .config import REPO_ROOT, Flavor, FlavorPaths, load_all
+from .errors import PipelineError
+
+Task = dict
+
+
+@dataclass(frozen=True)
+class FlavorContext:
+    flavor: Flavor
+    paths: FlavorPaths
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.flavor.name
+
+    def task(self, stage: str) -> str:
+        return f"build-{self.name}:{stage}"
+
+
+def stage_action(fn: Callable, *args) -> tuple:
+    """A doit python-action that turns PipelineError into one clean failure message."""
+    def action():
+        try:
+            fn(*args)
+        except PipelineError as exc:
+            return TaskFailed(str(exc))
+        return None
+    action.__name__ = action.__qualname__ = fn.__name__
+    return (action, [])
+
+
+# ---- toolkit packages (shared by all flavors) ----
+
+def package_tasks(names: list[str]) -> Iterator[Task]:
+    yield {"basename": "packages", "name": None,
+           "doc": "build the toolkit packages into content-tagged OCI images"}
+    for name in names:
+        yield {"basename": "packages", "name": name,
+               "doc": f"package {name} -> {packages.PACKAGE_REPO}/{name}:<content hash>",
+               "file_dep": packages.package_files(name),
+               "targets": [packages.state_path(name)],
+               "actions": [stage_action(packages.build_package, name)],
+               "clean": True}
+
+
+# ---- per flavor, one stage after another ----
+
+def base_task(ctx: FlavorContext) -> Task:
+    base = ctx.flavor.base
+    return {"name": "base", "doc": f"pull {base.ref} (bootstrap it when it cannot be pulled)",
+            "targets": [ctx.paths.state("base")],
+            "uptodate": [config_changed(base.model_dump_json())],
+            "actions": [stage_action(image.ensure_base, ctx.flavor, ctx.paths)],
+            "clean": True}
+
+
+def toolkit_task(ctx: FlavorContext) -> Task:
+    return {"name": "toolkit", "doc": "merge the flavor's packages into one toolkit image",
+            "file_dep": [packages.state_path(n) for n in ctx.flavor.packages],
+            "targets": [ctx.paths.state("toolkit")],
+            "uptodate": [config_changed(",".join(ctx.flavor.packages))],
+            "actions": [stage_action(packages.build_toolkit, ctx.flavor.packages, ctx.paths.state("toolkit"))],
+            "clean": True}
+
+
+def image_task(ctx: FlavorContext) -> Task:
+    tag = image.image_tag(ctx.flavor, ctx.version)
+    return {"name": "image", "doc": f"docker build {tag}",
+            "file_dep": [*ctx.paths.context_files, ctx.paths.state("base"), ctx.paths.state("toolkit")],
+            "targets": [ctx.paths.state("image")],
+            "uptodate": [config_changed({"tag": tag, "build_args": ctx.flavor.image.build_args})],
+            "actions": [stage_action(image.build_os_image, ctx.flavor, ctx.paths, ctx.version)],
+            "clean": True}
+
+
+def push_task(ctx: FlavorContext) -> Task:
+    return {"name": "push", "doc": f"push the OS image to {ctx.flavor.registry}",
+            "file_dep": [ctx.paths.state("image")],
+            "targets": [ctx.paths.state("push")],
+            "uptodate": [config_changed(ctx.flavor.registry)],
+            "actions": [stage_action(image.push_image, ctx.flavor, ctx.paths)],
+            "clean": True}
+
+
+def squashfs_task(ctx: FlavorContext) -> Task:
+    opts = ctx.flavor.squashfs
+    b = ctx.paths.build
+    return {"name": "squashfs", "doc": f"rootfs -> squashfs ({opts.compression}, {opts.block_size}), kernel, initrd",
+            "file_dep": [ctx.paths.state("image")],
+            "targets": [b / "rootfs.squashfs", b / "boot/vmlinuz", b / "boot/initrd"],
+            "uptodate": [config_changed({"squashfs": opts.model_dump(),
+                                         "sde": squashfs.os.environ.get("SOURCE_DATE_EPOCH")})],
+            "actions": [stage_action(squashfs.build_squashfs, ctx.flavor, ctx.paths)],
+            "clean": True}
+
+
+def flavor_tasks(ctx: FlavorContext) -> Iterator[Task]:
+    yield {"basename": f"build-{ctx.name}", "name": None,
+           "doc": f"build every artifact of flavor {ctx.name} ({ctx.flavor.description})"}
+    stages = [base_task, toolkit_task, image_task]
+    if ctx.flavor.registry:
+        stages.append(push_task)
+    stages += [squashfs_task]
+    for make in stages:
+        yield {"basename": f"build-{ctx.name}", **make(ctx)}
+
+
+def contexts(root: Path = REPO_ROOT) -> list[FlavorContext]:
+    return [FlavorContext(f, FlavorPaths(f, root), version.resolve(f.version, root)) for f in load_all()]
+
+
+def dodo_tasks() -> dict[str, Callable[[], Iterator[Task]]]:
+    """`task_*` functions for dodo.py's namespace (doit discovers them by name)."""
+    ctxs = contexts()
+    names = sorted({p for c in ctxs for p in c.flavor.packages})
+    creators: dict[str, Callable] = {"task_packages": lambda: package_tasks(names)}
+    for ctx in ctxs:
+        creators[f"task_build_{ctx.name}"] = (lambda c=ctx: flavor_tasks(c))
+    return creators

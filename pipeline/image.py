@@ -1,0 +1,102 @@
+"""Base image (pull, or bootstrap when it cannot be pulled) -> the flavor's OS image."""
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+
+from . import docker_engine, manifest
+from .bootstrap import bootstrap_image
+from .config import Flavor, FlavorPaths
+from .errors import PipelineError
+from .files import write_json_atomic
+from .packages import build_toolkit
+
+log = logging.getLogger("cos.image")
+
+
+def image_tag(flavor: Flavor, version: str) -> str:
+    return f"{flavor.image.repository}:{flavor.name}-{version}-{flavor.arch}"
+
+
+def bootstrap_tag(flavor: Flavor) -> str:
+    assert flavor.base.bootstrap is not None
+    return f"cos-pipeline/bootstrap:{flavor.name}-{flavor.base.bootstrap.suite}"
+
+
+def ensure_base(flavor: Flavor, paths: FlavorPaths) -> dict:
+    """Pull the base image; if that fails use a local copy, else bootstrap it."""
+    ref = flavor.base.ref
+    try:
+        record = {"ref": ref, "id": docker_engine.pull(ref), "origin": "pulled"}
+    except PipelineError as pull_error:
+        record = _fallback_base(flavor, paths, pull_error)
+    write_json_atomic(paths.state("base"), record)
+    return record
+
+
+def _fallback_base(flavor: Flavor, paths: FlavorPaths, pull_error: PipelineError) -> dict:
+    ref = flavor.base.ref
+    if local := docker_engine.image_id(ref):
+        log.warning("%s; using the local copy of %s", pull_error.message, ref)
+        return {"ref": ref, "id": local, "origin": "local"}
+    if flavor.base.bootstrap is None:
+        raise PipelineError(
+            f"{pull_error.message}; flavor '{flavor.name}' has no base.bootstrap to make it locally",
+            f"make {ref} reachable (registry access or `docker load`), or build another flavor") from None
+    tag = bootstrap_tag(flavor)
+    if local := docker_engine.image_id(tag):
+        log.warning("%s; reusing bootstrapped base %s", pull_error.message, tag)
+        return {"ref": tag, "id": local, "origin": "bootstrapped"}
+    log.warning("%s; bootstrapping %s with mmdebstrap", pull_error.message, tag)
+    return {"ref": tag, "id": bootstrap_image(flavor.base.bootstrap, tag, paths.build),
+            "origin": "bootstrapped"}
+
+
+def build_os_image(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
+    base = json.loads(paths.state("base").read_text())
+    toolkit = json.loads(paths.state("toolkit").read_text())
+    if docker_engine.image_id(base["ref"]) != base["id"]:
+        raise PipelineError(f"base image {base['ref']} changed or vanished since it was recorded",
+                            f"run: doit forget build-{flavor.name}:base && doit build-{flavor.name}")
+    if docker_engine.image_id(toolkit["tag"]) is None:  # deleted from docker since recorded
+        build_toolkit(flavor.packages, paths.state("toolkit"))
+    tag = image_tag(flavor, version)
+    buildargs = {**flavor.image.build_args, "BASE_IMAGE": base["ref"], "TOOLKIT_IMAGE": toolkit["tag"],
+                 "COS_FLAVOR": flavor.name, "COS_VERSION": version}
+    labels = {"org.opencontainers.image.version": version,
+              "org.opencontainers.image.title": f"cOS {flavor.name}",
+              "org.opencontainers.image.base.name": flavor.base.ref,
+              "org.cos-pipeline.flavor": flavor.name}
+    image_id = docker_engine.build(paths.source, tag, buildargs, labels=labels)
+    created = docker_engine.client().images.get(image_id).attrs["Created"]
+    record = {"reference": tag, "id": image_id, "created": created,
+              "source_date_epoch": _epoch(created), "base": base, "toolkit": toolkit["tag"]}
+    write_json_atomic(paths.state("image"), record)
+    manifest.set_fields(paths.manifest, flavor=flavor.name, version=version, arch=flavor.arch,
+                        image={"reference": tag, "id": image_id, "base": base["ref"],
+                               "base_id": base["id"]},
+                        source_date_epoch=record["source_date_epoch"])
+    return record
+
+
+def push_image(flavor: Flavor, paths: FlavorPaths) -> dict:
+    registry = flavor.registry
+    assert registry, "push task exists only when a registry is configured"
+    image = json.loads(paths.state("image").read_text())
+    remote = f"{registry}/{image['reference']}"
+    repo, _, tag = remote.rpartition(":")
+    docker_engine.client().images.get(image["id"]).tag(repo, tag)
+    digest = docker_engine.push(remote)
+    record = {"reference": remote, "digest": digest, "id": image["id"]}
+    write_json_atomic(paths.state("push"), record)
+    with manifest.update(paths.manifest) as data:
+        data.setdefault("image", {}).update(pushed=f"{repo}@{digest}", digest=digest)
+    return record
+
+
+def _epoch(created: str) -> int:
+    # Docker prints RFC 3339 with nanoseconds; Python parses microseconds at most.
+    head, _, frac = created.rstrip("Z").partition(".")
+    return int(datetime.fromisoformat(head + "+00:00").timestamp())

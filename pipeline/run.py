@@ -1,0 +1,85 @@
+"""The one subprocess wrapper: log the command, raise a clear error on failure."""
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import IO, Mapping, Sequence
+
+from .errors import PipelineError, ToolMissing
+
+log = logging.getLogger("cos.run")
+
+# Debian package that ships each tool we call; used only for the error hint.
+TOOL_PACKAGES = {
+    "tar2sqfs": "squashfs-tools-ng",
+    "rdsquashfs": "squashfs-tools-ng",
+    "sqfsdiff": "squashfs-tools-ng",
+    "mksquashfs": "squashfs-tools",
+    "unsquashfs": "squashfs-tools",
+    "mmdebstrap": "mmdebstrap",
+    "xorriso": "xorriso",
+    "mkfs.vfat": "dosfstools",
+    "mkfs.ext4": "e2fsprogs",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "sgdisk": "gdisk",
+    "sfdisk": "fdisk",
+    "qemu-img": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "grub-mkimage": "grub-common",
+    "grub-mkstandalone": "grub-common",
+    "grub-mkrescue": "grub-common",
+    "dockerd": "docker.io",
+    "zstd": "zstd",
+    "xz": "xz-utils",
+}
+
+STDERR_TAIL_LINES = 25
+
+
+def require_tool(name: str) -> str:
+    """Return the tool's path or raise naming the tool and how to install it."""
+    path = shutil.which(name)
+    if path is None:
+        package = TOOL_PACKAGES.get(name)
+        hint = (f"install it: apt-get install {package} (or run ./dev setup)"
+                if package else "install it and make sure it is on PATH")
+        raise ToolMissing(f"required tool '{name}' was not found on PATH", hint)
+    return path
+
+
+def run(
+    cmd: Sequence[str | Path],
+    *,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: IO[bytes] | int | None = None,
+    stdout: IO[bytes] | int | None = None,
+    capture: bool = False,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run one command; log it; on failure raise PipelineError with stderr's tail.
+
+    stderr is always captured so a failure can show why; stdout is captured
+    only when asked (capture=True) or redirected by the caller.
+    """
+    argv = [str(c) for c in cmd]
+    require_tool(argv[0])
+    log.info("$ %s", shlex.join(argv))
+    proc = subprocess.run(
+        argv, cwd=cwd, env=None if env is None else dict(env), stdin=stdin,
+        stdout=subprocess.PIPE if capture else stdout, stderr=subprocess.PIPE,
+    )
+    if check and proc.returncode != 0:
+        raise command_failed(argv, proc.returncode, proc.stderr)
+    return proc
+
+
+def command_failed(argv: Sequence[str], returncode: int, stderr: bytes | None) -> PipelineError:
+    tail = (stderr or b"").decode(errors="replace").strip().splitlines()[-STDERR_TAIL_LINES:]
+    detail = "\n    ".join(tail) if tail else "(no output on stderr)"
+    return PipelineError(f"'{Path(argv[0]).name}' failed with exit code {returncode}: "
+                         f"{shlex.join(argv)}\n    {detail}")
