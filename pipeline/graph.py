@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import image, packages, squashfs, version
+from . import image, packages, publish, release, squashfs, version
 from .config import REPO_ROOT, Flavor, FlavorPaths, load_all
 from .errors import PipelineError
 
@@ -133,4 +133,7 @@ def dodo_tasks() -> dict[str, Callable[[], Iterator[Task]]]:
     creators: dict[str, Callable] = {"task_packages": lambda: package_tasks(names)}
     for ctx in ctxs:
         creators[f"task_build_{ctx.name}"] = (lambda c=ctx: flavor_tasks(c))
+        creators[f"task_publish_{ctx.name}"] = (lambda c=ctx: publish.tasks(c))
+        creators[f"task_release_{ctx.name}"] = (lambda c=ctx: release.tasks(c))
+    creators["task_cloud_gc"] = lambda: publish.gc_tasks(ctxs)
     return creators
