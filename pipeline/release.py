@@ -1,11 +1,455 @@
-"""GitHub Release tasks (issue 5): release-<flavor>.
+"""GitHub Release of a flavor: `doit release-<flavor>` (issue 5).
 
-Placeholder until the release stage lands: yields no tasks.
+One release per tag v<version> holds every flavor and arch, so each file is named
+per flavor/arch and each flavor owns one marked section of the release notes.
+
+1. prepare (local, no network): from build/<flavor>/manifest.json, the ISO, qcow2 and
+   GCE tar as they are, the raw disk and Azure VHD compressed with zstd into
+   build/<flavor>/release/ (cached by the source's sha256: a re-run does not recompress),
+   the manifest, cloud-images.json, images-<flavor>-<arch>.txt, a README and SHA256SUMS.
+   Files of >= 2 GiB (GitHub's limit) become parts < 2 GiB, uploaded straight from byte
+   ranges of the file; SHA256SUMS lists the parts and the joined file.
+2. publish: create the release if missing, compare with the assets already there (size +
+   sha256, from the asset's digest or the release's SHA256SUMS), upload what is missing,
+   refuse to touch a changed asset unless asked (--replace / COS_RELEASE_REPLACE=1).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
+
+from doit.exceptions import TaskFailed
+
+from . import manifest
+from .config import Flavor, FlavorPaths
+from .errors import PipelineError
+from .files import CHUNK, DIGESTS, atomic_path, hash_file, write_json_atomic
+from .github import ReleasesClient, Settings
+from .run import command_failed, require_tool
+from .version import _git, is_tagged_release, release_tag
+
+log = logging.getLogger("cos.release")
+
+MIB = 1024 ** 2
+GIB = 1024 ** 3
+MAX_ASSET_BYTES = 2 * GIB   # GitHub refuses an asset of 2 GiB or more
+MAX_ASSETS = 1000           # ... and more than 1000 assets in one release
+ZSTD_ARGS = ["-10", "-T0", "--long=27"]  # -19 costs minutes per GiB for ~3 % less; window 2^27 needs no decoder flag
+REPLACE_ENV = "COS_RELEASE_REPLACE"
+LIMIT_ENV = "COS_RELEASE_MAX_ASSET_BYTES"
+
+# manifest artifact kind -> (release asset name, compress with zstd)
+ARTIFACTS: dict[str, tuple[str, bool]] = {
+    "iso": ("cOS-Seed-{flavor}-{version}-{arch}.iso", False),
+    "raw": ("cOS-Vanilla-RAW-{flavor}-{version}-{arch}.raw", True),
+    "azure-vhd": ("cOS-Vanilla-AZURE-{flavor}-{version}-{arch}.vhd", True),
+    "gce-tar": ("cOS-Vanilla-GCE-{flavor}-{version}-{arch}.tar.gz", False),
+    "qcow2": ("cOS-Vanilla-QCOW2-{flavor}-{version}-{arch}.qcow2", False),
+}
+
+
+class ReleaseError(PipelineError):
+    pass
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One release asset: bytes [offset, offset+size) of `path`."""
+    name: str
+    path: Path
+    sha256: str
+    size: int
+    offset: int = 0
+    derived: bool = False  # SHA256SUMS / README: made from the others, so replaced without asking
+
+
+@dataclass
+class Plan:
+    flavor: str
+    arch: str
+    version: str
+    assets: list[Asset]
+    joined: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # name -> (sha256, parts)
+    notes: str = ""
+
+    @property
+    def tag(self) -> str:
+        return release_tag(self.version)
+
+    @property
+    def key(self) -> str:
+        return f"{self.flavor}-{self.arch}"
+
+
+# ---------------------------------------------------------------- prepare (local)
+
+def max_asset_bytes() -> int:
+    value = os.environ.get(LIMIT_ENV, "").strip()
+    if not value:
+        return MAX_ASSET_BYTES
+    if not value.isdigit() or not 2 <= int(value) <= MAX_ASSET_BYTES:
+        raise ReleaseError(f"{LIMIT_ENV}={value!r} must be a byte count between 2 and {MAX_ASSET_BYTES}")
+    return int(value)
+
+
+def part_size(limit: int) -> int:
+    """Largest part strictly under `limit`; whole MiB when the limit allows it."""
+    return (limit - 1) // MIB * MIB if limit > 2 * MIB else limit - 1
+
+
+def load_manifest(paths: FlavorPaths, version: str) -> dict:
+    if not paths.manifest.is_file():
+        raise ReleaseError(f"{paths.manifest} not found: nothing to release",
+                           f"build first: doit build-{paths.flavor.name}")
+    data = manifest.read(paths.manifest)
+    if data.get("version") != version:
+        raise ReleaseError(f"{paths.manifest} was built as version {data.get('version')!r}, "
+                           f"but this checkout is version {version!r}",
+                           f"rebuild (doit build-{paths.flavor.name}) or set COS_VERSION={data.get('version')}")
+    arch = os.environ.get("COS_ARCH")
+    if arch and data.get("arch") != arch:
+        raise ReleaseError(f"{paths.manifest} is for arch {data.get('arch')!r}, but COS_ARCH={arch}",
+                           "build the flavor for that arch first")
+    return data
+
+
+def checked_artifacts(paths: FlavorPaths, data: dict) -> dict[str, tuple[Path, str]]:
+    """kind -> (file, sha256) for every releasable kind; all problems in one error."""
+    by_kind = {a["kind"]: a for a in data.get("artifacts", [])}
+    missing = [k for k in ARTIFACTS if k not in by_kind]
+    if missing:
+        raise ReleaseError(f"{paths.manifest} has no artifact of kind {', '.join(missing)}",
+                           f"build them: doit build-{paths.flavor.name}")
+    out, problems = {}, []
+    for kind in ARTIFACTS:
+        entry = by_kind[kind]
+        src = paths.build / entry["path"]
+        if not src.is_file():
+            problems.append(f"{kind}: {src} is missing")
+        elif src.stat().st_size != entry["size"] or DIGESTS.sha256(src) != entry["sha256"]:
+            problems.append(f"{kind}: {src} differs from the sha256/size in the manifest")
+        else:
+            out[kind] = (src, entry["sha256"])
+    if problems:
+        raise ReleaseError("artifacts do not match the manifest:\n  - " + "\n  - ".join(problems),
+                           f"rebuild: doit build-{paths.flavor.name}")
+    return out
+
+
+def zstd_compressed(src: Path, src_sha: str, out: Path) -> tuple[str, int]:
+    """`out` = zstd of `src`; cached by the source's sha256 in a sidecar JSON.
+
+    Streams zstd's output through a hash on its way to disk: one pass, no re-read.
+    """
+    sidecar = out.with_name(out.name + ".json")
+    key = {"source_sha256": src_sha, "zstd": ZSTD_ARGS}
+    try:
+        rec = json.loads(sidecar.read_text())
+        if {k: rec.get(k) for k in key} == key and out.stat().st_size == rec["size"] \
+                and DIGESTS.sha256(out) == rec["sha256"]:
+            log.info("reusing %s (source unchanged)", out.name)
+            return rec["sha256"], rec["size"]
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
+    cmd = [require_tool("zstd"), *ZSTD_ARGS, "-q", "-c", str(src)]
+    log.info("$ %s > %s", " ".join(cmd), out.name)
+    digest, size = hashlib.sha256(), 0
+    with atomic_path(out) as tmp, open(tmp, "wb") as sink, tempfile.TemporaryFile() as errlog:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errlog)
+        try:
+            while chunk := proc.stdout.read(CHUNK):
+                digest.update(chunk)
+                sink.write(chunk)
+                size += len(chunk)
+        finally:
+            rc = proc.wait()
+        if rc != 0:
+            errlog.seek(0)
+            raise command_failed(cmd, rc, errlog.read())
+        sink.flush()
+    DIGESTS.remember(out, digest.hexdigest())
+    write_json_atomic(sidecar, {**key, "sha256": digest.hexdigest(), "size": size})
+    return digest.hexdigest(), size
+
+
+def part_digests(path: Path, sha: str, size: int, part: int, cache_dir: Path) -> list[str]:
+    """sha256 of each `part`-sized slice of `path`; cached by the whole file's sha256."""
+    cache = cache_dir / f".parts-{sha[:16]}-{part}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (FileNotFoundError, ValueError):
+        pass
+    digests = []
+    with open(path, "rb") as f:
+        for offset in range(0, size, part):
+            h, left = hashlib.sha256(), min(part, size - offset)
+            while left:
+                chunk = f.read(min(CHUNK, left))
+                h.update(chunk)
+                left -= len(chunk)
+            digests.append(h.hexdigest())
+    write_json_atomic(cache, digests)
+    return digests
+
+
+def split(name: str, path: Path, sha: str, size: int, limit: int, cache_dir: Path) -> list[Asset]:
+    if size < limit:
+        return [Asset(name, path, sha, size)]
+    part = part_size(limit)
+    digests = part_digests(path, sha, size, part, cache_dir)
+    return [Asset(f"{name}.part{i:03d}", path, d, min(part, size - i * part), i * part)
+            for i, d in enumerate(digests)]
+
+
+def write_if_changed(path: Path, text: str) -> Path:
+    if not path.is_file() or path.read_text() != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return path
+
+
+def small_asset(name: str, path: Path, derived: bool = False) -> Asset:
+    return Asset(name, path, hash_file(path), path.stat().st_size, derived=derived)
+
+
+def image_reference(data: dict) -> str:
+    image = data.get("image") or {}
+    return image.get("pushed") or image.get("reference") or ""
+
+
+def prepare(flavor: Flavor, paths: FlavorPaths, version: str, limit: int | None = None) -> Plan:
+    """Everything to upload, made and checksummed under build/<flavor>/release/."""
+    limit = limit or max_asset_bytes()
+    data = load_manifest(paths, version)
+    arch = data.get("arch") or flavor.arch
+    out_dir = paths.build / "release"
+    plan = Plan(flavor.name, arch, version, [])
+    fmt = {"flavor": flavor.name, "version": version, "arch": arch}
+    for kind, (src, src_sha) in checked_artifacts(paths, data).items():
+        template, compress = ARTIFACTS[kind]
+        name = template.format(**fmt)
+        if compress:
+            name += ".zst"
+            path = out_dir / name
+            sha, size = zstd_compressed(src, src_sha, path)
+        else:
+            path, sha, size = src, src_sha, src.stat().st_size
+        assets = split(name, path, sha, size, limit, out_dir)
+        if len(assets) > 1:
+            plan.joined[name] = (sha, [a.name for a in assets])
+        plan.assets += assets
+
+    key = plan.key
+    meta = {f"manifest-{key}.json": paths.manifest,
+            f"cloud-images-{key}.json": paths.build / "cloud-images.json"}
+    for name, src in meta.items():
+        if src.is_file():  # copied: the uploaded bytes are the bytes that were hashed
+            plan.assets.append(small_asset(name, write_if_changed(out_dir / name, src.read_text())))
+    ref = image_reference(data)
+    plan.assets.append(small_asset(f"images-{key}.txt", write_if_changed(out_dir / f"images-{key}.txt", ref + "\n")))
+    cloud = _read_json(paths.build / "cloud-images.json")
+    plan.notes = release_notes(plan, data, cloud)
+    readme = out_dir / f"README-{key}.md"
+    plan.assets.append(small_asset(readme.name, write_if_changed(readme, plan.notes), derived=True))
+    sums = out_dir / f"SHA256SUMS-{key}"
+    plan.assets.append(small_asset(sums.name, write_if_changed(sums, sha256sums(plan)), derived=True))
+    return plan
+
+
+def sha256sums(plan: Plan) -> str:
+    """Every asset and every joined file (check with `sha256sum -c --ignore-missing`)."""
+    rows = {a.name: a.sha256 for a in plan.assets}
+    rows.update({name: sha for name, (sha, _) in plan.joined.items()})
+    return "".join(f"{sha}  {name}\n" for name, sha in sorted(rows.items()))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise ReleaseError(f"{path}: not valid JSON ({exc})", "re-run the publish task that writes it")
+
+
+def _leaves(data: object, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Flatten nested cloud ids ({'aws': {'us-east-1': 'ami-1'}}) to ('aws.us-east-1', 'ami-1')."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, str(data)
+
+
+def release_notes(plan: Plan, data: dict, cloud: dict) -> str:
+    image = data.get("image") or {}
+    lines = [f"### {plan.flavor} ({plan.arch}) {plan.version}", "",
+             f"- flavor: `{plan.flavor}`, version `{plan.version}`, arch `{plan.arch}`",
+             f"- OS image: `{image_reference(data)}`",
+             f"- image digest: `{image.get('digest') or image.get('id', '')}`"]
+    if cloud:
+        lines += ["- cloud images:"] + [f"  - {k}: `{v}`" for k, v in _leaves(cloud)]
+    lines += ["", "| file | bytes | sha256 |", "|---|---:|---|"]
+    lines += [f"| {a.name} | {a.size} | `{a.sha256}` |" for a in plan.assets]
+    lines += ["", f"Verify: `sha256sum -c --ignore-missing SHA256SUMS-{plan.key}`.",
+              "Decompress a `.zst` disk (keeps it sparse): `zstd -d --sparse FILE.zst`."]
+    for name, (_, parts) in plan.joined.items():
+        lines += [f"`{name}` is split in {len(parts)} parts (GitHub limits assets to < 2 GiB); "
+                  f"join them: `cat {name}.part* > {name}`"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- publish (network)
+
+def merge_section(body: str, key: str, section: str) -> str:
+    start, end = f"<!-- cos-release:{key} -->", f"<!-- /cos-release:{key} -->"
+    block = f"{start}\n{section.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if pattern.search(body or ""):
+        return pattern.sub(lambda _: block, body, count=1)
+    return (body or "").rstrip() + "\n\n" + block + "\n"
+
+
+def remote_digests(gh: ReleasesClient, plan: Plan, remote: dict[str, dict]) -> dict[str, str]:
+    """sha256 of each remote asset: its `digest` field, else our SHA256SUMS on the release."""
+    out = {n: a["digest"].split(":", 1)[1] for n, a in remote.items()
+           if str(a.get("digest") or "").startswith("sha256:")}
+    sums = remote.get(f"SHA256SUMS-{plan.key}")
+    if sums and any(n not in out for n in remote):
+        for line in gh.download(sums).decode(errors="replace").splitlines():
+            sha, _, name = line.partition("  ")
+            out.setdefault(name.strip(), sha.strip())
+    return out
+
+
+@dataclass
+class Diff:
+    upload: list[Asset] = field(default_factory=list)
+    replace: list[tuple[Asset, dict]] = field(default_factory=list)
+    same: list[Asset] = field(default_factory=list)
+    broken: list[dict] = field(default_factory=list)   # half-made by an interrupted run
+
+
+def compare(plan: Plan, remote: dict[str, dict], digests: dict[str, str]) -> Diff:
+    diff = Diff()
+    ours = {a.name for a in plan.assets}
+    for name, asset in remote.items():
+        stale_tmp = name.endswith(".replacing") and name[: -len(".replacing")] in ours
+        if asset.get("state", "uploaded") != "uploaded" or stale_tmp:
+            diff.broken.append(asset)
+    broken = {a["name"] for a in diff.broken}
+    for a in plan.assets:
+        r = remote.get(a.name)
+        if r is None or a.name in broken:
+            diff.upload.append(a)
+        elif r["size"] == a.size and digests.get(a.name) == a.sha256:
+            diff.same.append(a)
+        else:
+            diff.replace.append((a, r))
+    return diff
+
+
+def publish(plan: Plan, gh: ReleasesClient, *, replace: bool = False, target: str | None = None) -> dict:
+    """Make the release match `plan`; `target` is the commit a missing tag is created at."""
+    header = f"cOS {plan.version}\n\nFiles per flavor and arch below; each has its README and SHA256SUMS."
+    rel, created = gh.ensure_release(plan.tag, name=f"cOS {plan.version}",
+                                     body=merge_section(header, plan.key, plan.notes),
+                                     prerelease=not is_tagged_release(plan.version), target=target)
+    remote = {a["name"]: a for a in gh.assets(rel)}
+    diff = compare(plan, remote, remote_digests(gh, plan, remote))
+
+    total = len(set(remote) | {a.name for a in plan.assets})
+    if total > MAX_ASSETS:
+        raise ReleaseError(f"release {plan.tag} would hold {total} assets; GitHub allows at most {MAX_ASSETS}",
+                           "delete unused assets from the release, or raise the part size "
+                           f"({LIMIT_ENV}) so large files split into fewer parts")
+    changed = [a for a, _ in diff.replace if not a.derived]
+    if changed and not replace:
+        names = ", ".join(a.name for a in changed)
+        raise ReleaseError(f"release {plan.tag} already has a different {names} (size or sha256 differs "
+                           "from the local build); nothing was uploaded",
+                           f"to overwrite: doit release-{plan.flavor} --replace (or {REPLACE_ENV}=1); "
+                           "or release a new version")
+
+    for asset in diff.broken:
+        log.info("deleting incomplete asset %s left by an interrupted upload", asset["name"])
+        gh.delete_asset(asset)
+    order = sorted(diff.upload + [a for a, _ in diff.replace], key=lambda a: a.derived)  # sums last
+    old = {a.name: r for a, r in diff.replace}
+    for asset in order:
+        if asset.name in old:
+            _replace(gh, rel, asset, old[asset.name])
+        else:
+            gh.upload(rel, asset.name, asset.path, asset.offset, asset.size, sha256=asset.sha256)
+    _update_notes(gh, rel, plan)
+    result = {"tag": plan.tag, "release_id": rel["id"], "created": created,
+              "uploaded": [a.name for a in diff.upload], "replaced": sorted(old),
+              "unchanged": [a.name for a in diff.same]}
+    log.info("release %s: %d uploaded, %d replaced, %d unchanged", plan.tag,
+             len(result["uploaded"]), len(result["replaced"]), len(result["unchanged"]))
+    return result
+
+
+def _replace(gh: ReleasesClient, rel: dict, asset: Asset, old: dict) -> None:
+    """Upload under a temporary name, then swap: the old file stays until the new one is whole."""
+    tmp = gh.upload(rel, f"{asset.name}.replacing", asset.path, asset.offset, asset.size, sha256=asset.sha256)
+    gh.delete_asset(old)
+    gh.rename_asset(tmp, asset.name)
+    log.info("replaced %s", asset.name)
+
+
+def _update_notes(gh: ReleasesClient, rel: dict, plan: Plan, attempts: int = 3) -> None:
+    """Put our section in the notes; re-read to catch a concurrent edit by another matrix job."""
+    for attempt in range(attempts + 1):
+        current = gh.get_release(rel["id"]).get("body") or ""
+        body = merge_section(current, plan.key, plan.notes)
+        if body == current:
+            return
+        if attempt < attempts:
+            gh.update_release(rel["id"], body=body)
+    raise ReleaseError(f"release notes of {plan.tag} keep changing under us",
+                       f"re-run doit release-{plan.flavor} when the other release jobs are done")
+
+
+# ---------------------------------------------------------------- doit
+
+def release(flavor: Flavor, paths: FlavorPaths, version: str, *, replace: bool = False,
+            limit: int | None = None) -> dict:
+    settings = Settings.from_env()  # before any compression: fail fast without a token
+    plan = prepare(flavor, paths, version, limit)
+    with ReleasesClient(settings) as gh:
+        result = publish(plan, gh, replace=replace, target=_git(paths.root, "rev-parse", "HEAD"))
+    write_json_atomic(paths.state("release"), {**result, "assets": {a.name: a.sha256 for a in plan.assets}})
+    return result
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def tasks(ctx) -> Iterator[dict]:
-    yield from ()
+    def release_action(replace: bool) -> TaskFailed | None:
+        try:
+            release(ctx.flavor, ctx.paths, ctx.version, replace=replace or _env_flag(REPLACE_ENV))
+        except PipelineError as exc:
+            return TaskFailed(str(exc))
+        return None
+
+    yield {"basename": f"release-{ctx.name}",
+           "doc": f"publish {ctx.name}'s artifacts to the GitHub Release v{ctx.version} "
+                  "(GITHUB_TOKEN, GITHUB_REPOSITORY, GITHUB_API_URL)",
+           "actions": [(release_action,)],
+           "params": [{"name": "replace", "long": "replace", "type": bool, "default": False,
+                       "help": f"overwrite release assets that differ from this build (or {REPLACE_ENV}=1)"}],
+           "verbosity": 2}

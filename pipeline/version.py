@@ -1,17 +1,26 @@
-"""The version a build carries: $COS_VERSION, else the git tag vX.Y.Z at HEAD,
-else the flavor's version with -g<sha8> (a build between tags)."""
+"""The version a build carries.
+
+1. $COS_VERSION when set (CI passes the pushed tag; a leading 'v' is dropped);
+2. else the highest tag vX.Y.Z[-pre] that points at HEAD;
+3. else, between tags, the flavor's configured version with -g<sha8> of HEAD;
+4. else (not a git checkout) the configured version as is.
+
+The version names artifacts and the release tag (v<version>), so it must be a
+plain token: COS_VERSION with spaces or slashes is refused.
+"""
 from __future__ import annotations
 
 import os
 import re
 import subprocess
-from functools import lru_cache
 from pathlib import Path
 
-TAG_RE = re.compile(r"^v(\d+\.\d+\.\d+(?:[-+.][0-9A-Za-z.+-]+)?)$")
+from .errors import ConfigError
+
+TAG_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)((?:[-+.~][0-9A-Za-z.+~-]+)?)$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_-]*$")
 
 
-@lru_cache(maxsize=None)
 def _git(root: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
@@ -20,12 +29,45 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _tag_key(match: re.Match) -> tuple:
+    major, minor, patch, rest = match.groups()
+    # semver: a release sorts after its pre-releases (v1.0.0 > v1.0.0-rc1)
+    return int(major), int(minor), int(patch), rest == "", rest
+
+
+def tag_version(tags: list[str]) -> str | None:
+    """The version of the highest release tag among `tags` (vX.Y.Z wins over its -rc)."""
+    matches = [m for t in tags if (m := TAG_RE.match(t))]
+    if not matches:
+        return None
+    best = max(matches, key=_tag_key)
+    return best.group(0)[1:]
+
+
+def from_env() -> str | None:
+    env = os.environ.get("COS_VERSION", "").strip()
+    if not env:
+        return None
+    version = env[1:] if TAG_RE.match(env) else env
+    if not VERSION_RE.match(version):
+        raise ConfigError(f"COS_VERSION={env!r} is not a usable version",
+                          "use letters, digits and . + ~ _ - only, e.g. 1.2.3 or v1.2.3")
+    return version
+
+
 def resolve(config_version: str, root: Path) -> str:
-    if env := os.environ.get("COS_VERSION"):
+    if env := from_env():
         return env
-    tags = _git(root, "tag", "--points-at", "HEAD") or ""
-    for tag in sorted(tags.split()):
-        if m := TAG_RE.match(tag):
-            return m.group(1)
-    sha = _git(root, "rev-parse", "--short=8", "HEAD")
-    return f"{config_version}-g{sha}" if sha else config_version
+    if tagged := tag_version((_git(root, "tag", "--points-at", "HEAD") or "").split()):
+        return tagged
+    sha = _git(root, "rev-parse", "HEAD")
+    return f"{config_version}-g{sha[:8]}" if sha else config_version
+
+
+def release_tag(version: str) -> str:
+    return f"v{version}"
+
+
+def is_tagged_release(version: str) -> bool:
+    """True for X.Y.Z[-pre] from a tag; False for a between-tags -g<sha8> build."""
+    return TAG_RE.match(f"v{version}") is not None and not re.search(r"-g[0-9a-f]{8}$", version)

@@ -1,0 +1,246 @@
+"""A small GitHub Releases client over httpx (the calls release.py needs, nothing more).
+
+Settings come from the GitHub Actions conventions: GITHUB_API_URL, GITHUB_REPOSITORY,
+GITHUB_TOKEN. Uploads go to the host in the release's `upload_url`, streamed from a
+byte range of a file (a part of a split asset needs no copy on disk). 5xx, 429 and
+connection errors are retried with exponential back-off (Retry-After honoured); a
+failed upload's half-made asset is deleted before the retry.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+
+from .errors import PipelineError
+
+log = logging.getLogger("cos.github")
+
+API_VERSION = "2022-11-28"
+CHUNK = 1024 * 1024
+TOKEN_HINT = ("set GITHUB_TOKEN to a token with contents: write on the repository "
+              "(in Actions: `permissions: contents: write` and env GITHUB_TOKEN: ${{ secrets.GITHUB_TOKEN }})")
+
+
+class GitHubError(PipelineError):
+    """A Releases API call failed (after retries, when retrying made sense)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_url: str
+    repository: str
+    token: str
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        env = {k: os.environ.get(k, "").strip() for k in ("GITHUB_API_URL", "GITHUB_REPOSITORY", "GITHUB_TOKEN")}
+        if not env["GITHUB_TOKEN"]:
+            raise GitHubError("GITHUB_TOKEN is missing: cannot publish a GitHub Release", TOKEN_HINT)
+        if not env["GITHUB_API_URL"]:
+            raise GitHubError("GITHUB_API_URL is not set",
+                              "GitHub Actions sets it; elsewhere export the REST API root of your GitHub "
+                              "(for github.com: https://api. followed by the host)")
+        if env["GITHUB_REPOSITORY"].count("/") != 1 or " " in env["GITHUB_REPOSITORY"]:
+            raise GitHubError(f"GITHUB_REPOSITORY={env['GITHUB_REPOSITORY']!r} is not owner/name",
+                              "GitHub Actions sets it; elsewhere export GITHUB_REPOSITORY=owner/name")
+        return cls(env["GITHUB_API_URL"].rstrip("/"), env["GITHUB_REPOSITORY"], env["GITHUB_TOKEN"])
+
+
+def file_range(path: Path, offset: int, length: int) -> Iterator[bytes]:
+    """Stream `length` bytes of `path` from `offset` (one part of a split asset)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                raise GitHubError(f"{path} shrank while being uploaded", "do not modify artifacts during a release")
+            left -= len(chunk)
+            yield chunk
+
+
+class ReleasesClient:
+    def __init__(self, settings: Settings, *, attempts: int = 5, backoff: float = 1.0,
+                 timeout: float = 60.0) -> None:
+        self.settings = settings
+        self.attempts = attempts
+        self.backoff = backoff
+        self.repo_url = f"{settings.api_url}/repos/{settings.repository}"
+        self._http = httpx.Client(
+            headers={"Authorization": f"Bearer {settings.token}",
+                     "Accept": "application/vnd.github+json",
+                     "X-GitHub-Api-Version": API_VERSION,
+                     "User-Agent": "cos-pipeline-release"},
+            # uploads of ~2 GiB parts: long write, but a stalled connection must not hang CI
+            timeout=httpx.Timeout(timeout, write=600.0, read=600.0))
+
+    def __enter__(self) -> "ReleasesClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._http.close()
+
+    # ---- transport: retries and clear errors ----
+
+    def _send(self, method: str, url: str, *, ok: tuple[int, ...] = (200, 201, 204),
+              before_retry: Callable[[], None] | None = None,
+              body: Callable[[], Iterator[bytes]] | None = None, **kw) -> httpx.Response:
+        """One API call: retry 5xx / 429 / network errors; map 401/403/404 to clear errors.
+        Status codes in `ok` (and 404 / 422, which callers interpret) are returned."""
+        what = f"{method} {url.split('?')[0]}"
+        for attempt in range(1, self.attempts + 1):
+            try:
+                resp = self._http.request(method, url, content=body() if body else None, **kw)
+            except httpx.TransportError as exc:
+                problem, resp = f"{type(exc).__name__}: {exc}", None
+            else:
+                if not (resp.status_code >= 500 or resp.status_code == 429 or _rate_limited(resp)):
+                    return self._check(resp, what, ok)
+                problem = f"HTTP {resp.status_code} {_message(resp)}"
+            if attempt == self.attempts:
+                raise GitHubError(f"GitHub API {what} failed after {attempt} attempts: {problem}",
+                                  "GitHub may be degraded; re-run the release later (it resumes where it stopped)")
+            delay = _retry_after(resp) if resp is not None else None
+            delay = delay if delay is not None else self.backoff * 2 ** (attempt - 1)
+            log.warning("%s: %s; retry %d/%d in %.1fs", what, problem, attempt, self.attempts - 1, delay)
+            time.sleep(delay)
+            if before_retry:
+                before_retry()
+        raise AssertionError("unreachable")
+
+    def _check(self, resp: httpx.Response, what: str, ok: tuple[int, ...]) -> httpx.Response:
+        code = resp.status_code
+        if code in ok or code in (404, 422):
+            return resp
+        if code == 401:
+            raise GitHubError(f"GitHub API {what}: 401 {_message(resp)}: GITHUB_TOKEN is missing or lacks "
+                              f"contents:write on {self.settings.repository}", TOKEN_HINT)
+        if code == 403:
+            raise GitHubError(f"GitHub API {what}: 403 {_message(resp)}: the token may not write releases "
+                              f"of {self.settings.repository}", TOKEN_HINT)
+        raise GitHubError(f"GitHub API {what}: HTTP {code} {_message(resp)}")
+
+    def _json(self, resp: httpx.Response, what: str) -> dict | list:
+        if resp.status_code == 404:
+            raise GitHubError(f"GitHub API {what}: 404 not found",
+                              f"check GITHUB_REPOSITORY={self.settings.repository} and that the token can see it")
+        if resp.status_code == 422:
+            raise GitHubError(f"GitHub API {what}: 422 {_message(resp)}")
+        return resp.json()
+
+    # ---- releases ----
+
+    def release_by_tag(self, tag: str) -> dict | None:
+        resp = self._send("GET", f"{self.repo_url}/releases/tags/{tag}")
+        return None if resp.status_code == 404 else self._json(resp, f"get release {tag}")
+
+    def get_release(self, release_id: int) -> dict:
+        return self._json(self._send("GET", f"{self.repo_url}/releases/{release_id}"), "get release")
+
+    def ensure_release(self, tag: str, *, name: str, body: str, prerelease: bool,
+                       target: str | None) -> tuple[dict, bool]:
+        """The release of `tag`, created when missing. Returns (release, created)."""
+        if rel := self.release_by_tag(tag):
+            return rel, False
+        data = {"tag_name": tag, "name": name, "body": body, "draft": False, "prerelease": prerelease}
+        if target:
+            data["target_commitish"] = target
+        resp = self._send("POST", f"{self.repo_url}/releases", json=data)
+        if resp.status_code == 422 and (rel := self.release_by_tag(tag)):
+            return rel, False  # another matrix job created it in the meantime
+        if resp.status_code == 404:
+            self._json(resp, f"create release {tag}")
+        if resp.status_code == 422:
+            raise GitHubError(f"cannot create release {tag}: {_message(resp)}",
+                              "push the tag first (git push origin TAG), or check that the commit exists on GitHub")
+        log.info("created release %s", tag)
+        return resp.json(), True
+
+    def update_release(self, release_id: int, **fields) -> dict:
+        return self._json(self._send("PATCH", f"{self.repo_url}/releases/{release_id}", json=fields),
+                          "update release")
+
+    # ---- assets ----
+
+    def assets(self, release: dict) -> list[dict]:
+        url: str | None = f"{self.repo_url}/releases/{release['id']}/assets?per_page=100"
+        out: list[dict] = []
+        while url:
+            resp = self._send("GET", url)
+            out += self._json(resp, "list release assets")
+            url = resp.links.get("next", {}).get("url")
+        return out
+
+    def delete_asset(self, asset: dict) -> None:
+        resp = self._send("DELETE", f"{self.repo_url}/releases/assets/{asset['id']}")
+        if resp.status_code not in (204, 404):
+            self._json(resp, f"delete asset {asset['name']}")
+
+    def rename_asset(self, asset: dict, name: str) -> dict:
+        return self._json(self._send("PATCH", f"{self.repo_url}/releases/assets/{asset['id']}",
+                                     json={"name": name}), f"rename asset {asset['name']}")
+
+    def download(self, asset: dict) -> bytes:
+        resp = self._send("GET", asset["url"], headers={"Accept": "application/octet-stream"},
+                          follow_redirects=True)
+        if resp.status_code >= 400:
+            self._json(resp, f"download asset {asset['name']}")
+        return resp.content
+
+    def upload(self, release: dict, name: str, path: Path, offset: int, length: int,
+               *, sha256: str | None = None) -> dict:
+        """Upload bytes [offset, offset+length) of `path` as asset `name`."""
+        url = release["upload_url"].split("{", 1)[0]
+
+        def drop_partial() -> None:
+            for asset in self.assets(release):
+                if asset["name"] == name and asset.get("state") != "uploaded":
+                    log.info("deleting half-uploaded asset %s", name)
+                    self.delete_asset(asset)
+
+        started = time.monotonic()
+        resp = self._send("POST", url, params={"name": name}, before_retry=drop_partial,
+                          body=lambda: file_range(path, offset, length),
+                          headers={"Content-Type": "application/octet-stream",
+                                   "Content-Length": str(length)})
+        if resp.status_code == 422:
+            # a retried upload whose first attempt did land: accept it if it is complete
+            same = [a for a in self.assets(release) if a["name"] == name]
+            if same and same[0].get("state") == "uploaded" and same[0]["size"] == length \
+                    and same[0].get("digest") in (None, f"sha256:{sha256}"):
+                return same[0]
+            raise GitHubError(f"upload of {name} refused: 422 {_message(resp)}")
+        asset = self._json(resp, f"upload {name}")
+        secs = max(time.monotonic() - started, 1e-6)
+        log.info("uploaded %s: %d bytes in %.1fs (%.1f MB/s)", name, length, secs, length / secs / 1e6)
+        return asset
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text[:200]
+    msg = data.get("message", "") if isinstance(data, dict) else ""
+    errors = data.get("errors") if isinstance(data, dict) else None
+    return f"{msg} {errors}" if errors else msg
+
+
+def _rate_limited(resp: httpx.Response) -> bool:
+    return resp.status_code == 403 and resp.headers.get("x-ratelimit-remaining") == "0"
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if value and value.isdigit():
+        return min(float(value), 120.0)
+    reset = resp.headers.get("x-ratelimit-reset")
+    if _rate_limited(resp) and reset and reset.isdigit():
+        return min(max(float(reset) - time.time(), 1.0), 120.0)
+    return None
