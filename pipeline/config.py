@@ -22,7 +22,7 @@ from cloud.targets import CloudTargets
 from .errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FLAVORS_DIR = REPO_ROOT / "flavors"
+FLAVORS_DIR = REPO_ROOT / "flavors"  # $COS_FLAVORS_DIR overrides (see flavors_dir())
 PACKAGES_DIR = REPO_ROOT / "packages"
 DEFAULTS_FILE = "defaults.yaml"
 FLAVOR_FILE = "flavor.yaml"
@@ -128,7 +128,7 @@ class FlavorPaths:
 
     @property
     def source(self) -> Path:
-        return self.root / "flavors" / self.flavor.name
+        return flavors_dir() / self.flavor.name
 
     @property
     def dockerfile(self) -> Path:
@@ -151,6 +151,10 @@ class FlavorPaths:
         """Every file of the docker build context, sorted (flavor.yaml is config, not context)."""
         return sorted(p for p in self.source.rglob("*")
                       if p.is_file() and p.name != FLAVOR_FILE)
+
+
+def flavors_dir() -> Path:
+    return Path(os.environ.get("COS_FLAVORS_DIR", FLAVORS_DIR)).resolve()
 
 
 def build_root(root: Path = REPO_ROOT) -> Path:
@@ -224,9 +228,10 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{field}: {err['msg']}{shown}"
 
 
-def load_flavor(name: str, flavors_dir: Path = FLAVORS_DIR) -> Flavor:
-    defaults_path = flavors_dir / DEFAULTS_FILE
-    flavor_path = flavors_dir / name / FLAVOR_FILE
+def load_flavor(name: str, directory: Path | None = None) -> Flavor:
+    directory = directory or flavors_dir()
+    defaults_path = directory / DEFAULTS_FILE
+    flavor_path = directory / name / FLAVOR_FILE
     defaults = _read_yaml(defaults_path)
     own = _read_yaml(flavor_path)
     if "name" in own:
@@ -242,19 +247,20 @@ def load_flavor(name: str, flavors_dir: Path = FLAVORS_DIR) -> Flavor:
             problems.append(f"{_rel(origin)}: {_describe(err)}")
         raise ConfigError(f"invalid flavor '{name}':\n  - " + "\n  - ".join(problems),
                           f"fix the field(s) above in {_rel(flavor_path)}; nothing was built") from None
-    if not (flavors_dir / name / "Dockerfile").is_file():
-        raise ConfigError(f"{_rel(flavors_dir / name)}: no Dockerfile",
+    if not (directory / name / "Dockerfile").is_file():
+        raise ConfigError(f"{_rel(directory / name)}: no Dockerfile",
                           "each flavor directory needs a Dockerfile beside flavor.yaml")
     return flavor
 
 
-def flavor_names(flavors_dir: Path = FLAVORS_DIR) -> list[str]:
-    return sorted(p.parent.name for p in flavors_dir.glob(f"*/{FLAVOR_FILE}")
+def flavor_names(directory: Path | None = None) -> list[str]:
+    directory = directory or flavors_dir()
+    return sorted(p.parent.name for p in directory.glob(f"*/{FLAVOR_FILE}")
                   if re.match(NAME_RE, p.parent.name))
 
 
-def load_all(flavors_dir: Path = FLAVORS_DIR) -> list[Flavor]:
-    return [load_flavor(n, flavors_dir) for n in flavor_names(flavors_dir)]
+def load_all(directory: Path | None = None) -> list[Flavor]:
+    return [load_flavor(n, directory) for n in flavor_names(directory)]
 
 
 def _rel(path: Path) -> str:

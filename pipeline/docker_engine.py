@@ -143,6 +143,9 @@ def push(ref: str) -> str:
     return digest
 
 
+EXPORT_LABEL = "org.cos-pipeline.export"
+
+
 class ExportedRootfs:
     """Context manager: a stopped container of `image` and its filesystem as a tar stream."""
 
@@ -151,8 +154,12 @@ class ExportedRootfs:
         self.container = None
 
     def __enter__(self):
+        # A run killed mid-export (SIGKILL skips __exit__) leaves its container: remove those.
+        for stale in client().containers.list(all=True, filters={"label": EXPORT_LABEL}):
+            stale.remove(force=True)
         # Images from `docker import` have no CMD; a command must be given.
-        self.container = client().containers.create(self.image, command=["/bin/true"])
+        self.container = client().containers.create(self.image, command=["/bin/true"],
+                                                    labels={EXPORT_LABEL: "1"})
         return self.container.export(chunk_size=1024 * 1024)
 
     def __exit__(self, *exc):

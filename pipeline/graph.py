@@ -6,6 +6,7 @@ changes an output is a `config_changed` key of the task that makes it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -106,7 +107,7 @@ def squashfs_task(ctx: FlavorContext) -> Task:
             "file_dep": [ctx.paths.state("image")],
             "targets": [b / "rootfs.squashfs", b / "boot/vmlinuz", b / "boot/initrd"],
             "uptodate": [config_changed({"squashfs": opts.model_dump(),
-                                         "sde": squashfs.os.environ.get("SOURCE_DATE_EPOCH")})],
+                                         "sde": os.environ.get("SOURCE_DATE_EPOCH")})],
             "actions": [stage_action(squashfs.build_squashfs, ctx.flavor, ctx.paths)],
             "clean": True}
 

@@ -79,8 +79,8 @@ def filter_rootfs(src: IO[bytes], dst: IO[bytes], *, sde: int, hostname: str,
         tout.copybufsize = BUFSIZE
         for member in tin:
             name = safe_name(member.name)
-            if not name or name in DROP:
-                continue
+            if not name or name in DROP or (name == "dev/console" and member.isreg()):
+                continue  # dev/console as a plain file is docker's bind-mount placeholder
             member.name = name
             member.mtime = min(int(member.mtime), sde)
             if member.islnk():
@@ -139,21 +139,22 @@ def source_date_epoch(image: dict) -> int:
     return int(os.environ.get("SOURCE_DATE_EPOCH") or image["source_date_epoch"])
 
 
-def build_squashfs(flavor: Flavor, paths: FlavorPaths) -> dict:
-    image = json.loads(paths.state("image").read_text())
-    sde = source_date_epoch(image)
-    out = paths.build / "rootfs.squashfs"
-    boot_out = {n: paths.build / n for n in BOOT_FILES}
-    with tempfile.TemporaryDirectory(dir=paths.build, prefix=".capture-") as capture, \
+def write_squashfs(image_id: str, opts: SquashfsOptions, sde: int, hostname: str,
+                   out: Path, boot_dir: Path) -> None:
+    """Stream the image's filesystem into `out`; kernel and initrd into boot_dir.
+    Every output appears only when complete."""
+    boot_out = {n: boot_dir / posixpath.basename(n) for n in BOOT_FILES}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".capture-") as capture, \
             atomic_path(out) as tmp, tempfile.TemporaryFile() as errlog:
         capture_dir = Path(capture)
-        cmd = tar2sqfs_command(flavor.squashfs, tmp, sde)
-        log.info("docker export %s | filter | %s", image["reference"], " ".join(cmd))
+        cmd = tar2sqfs_command(opts, tmp, sde)
+        log.info("docker export %s | filter | %s", image_id[:19], " ".join(cmd))
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=errlog)
         try:
-            with docker_engine.ExportedRootfs(image["id"]) as chunks:
+            with docker_engine.ExportedRootfs(image_id) as chunks:
                 links = filter_rootfs(_ChunkReader(chunks), proc.stdin, sde=sde,
-                                      hostname=f"cos-{flavor.name}", capture_dir=capture_dir)
+                                      hostname=hostname, capture_dir=capture_dir)
             proc.stdin.close()
         except BaseException:
             proc.kill()
@@ -166,8 +167,15 @@ def build_squashfs(flavor: Flavor, paths: FlavorPaths) -> dict:
             src = resolve_boot_file(name, links, capture_dir)
             with atomic_path(dest) as part:
                 shutil.copyfile(src, part)
+
+
+def build_squashfs(flavor: Flavor, paths: FlavorPaths) -> dict:
+    image = json.loads(paths.state("image").read_text())
+    out = paths.build / "rootfs.squashfs"
+    write_squashfs(image["id"], flavor.squashfs, source_date_epoch(image), f"cos-{flavor.name}",
+                   out, paths.build / "boot")
     entries = [file_entry("squashfs", out, paths.build),
-               file_entry("kernel", boot_out["boot/vmlinuz"], paths.build),
-               file_entry("initrd", boot_out["boot/initrd"], paths.build)]
+               file_entry("kernel", paths.build / "boot/vmlinuz", paths.build),
+               file_entry("initrd", paths.build / "boot/initrd", paths.build)]
     manifest.add_artifacts(paths.manifest, *entries)
     return {e["kind"]: e for e in entries}
