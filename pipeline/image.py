@@ -54,6 +54,12 @@ def _fallback_base(flavor: Flavor, paths: FlavorPaths, pull_error: PipelineError
             "origin": "bootstrapped"}
 
 
+def build_args(flavor: Flavor, version: str, base_ref: str, toolkit_tag: str) -> dict[str, str]:
+    """What every flavor Dockerfile is given (tests check Dockerfiles use no other ARG)."""
+    return {**flavor.image.build_args, "BASE_IMAGE": base_ref, "TOOLKIT_IMAGE": toolkit_tag,
+            "COS_FLAVOR": flavor.name, "COS_VERSION": version}
+
+
 def build_os_image(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
     base = json.loads(paths.state("base").read_text())
     toolkit = json.loads(paths.state("toolkit").read_text())
@@ -63,8 +69,7 @@ def build_os_image(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
     if docker_engine.image_id(toolkit["tag"]) is None:  # deleted from docker since recorded
         build_toolkit(flavor.packages, paths.state("toolkit"))
     tag = image_tag(flavor, version)
-    buildargs = {**flavor.image.build_args, "BASE_IMAGE": base["ref"], "TOOLKIT_IMAGE": toolkit["tag"],
-                 "COS_FLAVOR": flavor.name, "COS_VERSION": version}
+    buildargs = build_args(flavor, version, base["ref"], toolkit["tag"])
     labels = {"org.opencontainers.image.version": version,
               "org.opencontainers.image.title": f"cOS {flavor.name}",
               "org.opencontainers.image.base.name": flavor.base.ref,
