@@ -259,6 +259,10 @@ def prepare(flavor: Flavor, paths: FlavorPaths, version: str, limit: int | None 
     plan.notes = release_notes(plan, data, cloud)
     readme = out_dir / f"README-{key}.md"
     plan.assets.append(small_asset(readme.name, write_if_changed(readme, plan.notes), derived=True))
+    if len(plan.assets) + 1 > MAX_ASSETS:
+        raise ReleaseError(f"{flavor.name} would need {len(plan.assets) + 1} release assets; GitHub allows at "
+                           f"most {MAX_ASSETS} per release (large files are split in parts < {limit} bytes)",
+                           f"raise {LIMIT_ENV} (at most {MAX_ASSET_BYTES}) or shrink the artifacts")
     sums = out_dir / f"SHA256SUMS-{key}"
     plan.assets.append(small_asset(sums.name, write_if_changed(sums, sha256sums(plan)), derived=True))
     return plan
@@ -327,7 +331,9 @@ def remote_digests(gh: ReleasesClient, plan: Plan, remote: dict[str, dict]) -> d
            if str(a.get("digest") or "").startswith("sha256:")}
     sums = remote.get(f"SHA256SUMS-{plan.key}")
     if sums and any(n not in out for n in remote):
-        for line in gh.download(sums).decode(errors="replace").splitlines():
+        text = gh.download(sums)
+        out.setdefault(sums["name"], hashlib.sha256(text).hexdigest())
+        for line in text.decode(errors="replace").splitlines():
             sha, _, name = line.partition("  ")
             out.setdefault(name.strip(), sha.strip())
     return out
@@ -426,9 +432,11 @@ def _update_notes(gh: ReleasesClient, rel: dict, plan: Plan, attempts: int = 3) 
 
 def release(flavor: Flavor, paths: FlavorPaths, version: str, *, replace: bool = False,
             limit: int | None = None) -> dict:
-    settings = Settings.from_env()  # before any compression: fail fast without a token
-    plan = prepare(flavor, paths, version, limit)
+    settings = Settings.from_env()
+    load_manifest(paths, version)  # cheap checks first: the build is there and of this version
     with ReleasesClient(settings) as gh:
+        gh.release_by_tag(release_tag(version))  # token and repository work, before any compression
+        plan = prepare(flavor, paths, version, limit)
         result = publish(plan, gh, replace=replace, target=_git(paths.root, "rev-parse", "HEAD"))
     write_json_atomic(paths.state("release"), {**result, "assets": {a.name: a.sha256 for a in plan.assets}})
     return result
