@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StrictModel(BaseModel):
@@ -20,8 +20,17 @@ class AwsTarget(StrictModel):
     tpm: bool = True
     imds_v2: bool = True
     volume_type: Literal["gp3", "gp2", "io1", "io2"] = "gp3"
+    root_device: Literal["/dev/xvda", "/dev/sda1"] = "/dev/xvda"
     workers: int = Field(16, ge=1, le=128)
+    import_timeout_minutes: int = Field(90, ge=1, description="deadline for ImportSnapshot (s3-import)")
+    wait_minutes: int = Field(30, ge=1, description="deadline for snapshots/images/copies to become available")
     tags: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _bucket_for_import(self) -> "AwsTarget":
+        if self.upload == "s3-import" and not self.bucket:
+            raise ValueError("upload: s3-import needs a bucket (the S3 bucket to stage the raw disk in)")
+        return self
 
 
 class AzureTarget(StrictModel):
@@ -33,7 +42,15 @@ class AzureTarget(StrictModel):
     gallery: str | None = None
     gallery_image: str | None = None
     replica_locations: list[str] = []
+    workers: int = Field(8, ge=1, le=64)
+    wait_minutes: int = Field(30, ge=1)
     tags: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _gallery_pair(self) -> "AzureTarget":
+        if bool(self.gallery) != bool(self.gallery_image):
+            raise ValueError("gallery and gallery_image go together (the gallery and its image definition)")
+        return self
 
 
 class GcpTarget(StrictModel):
@@ -43,7 +60,14 @@ class GcpTarget(StrictModel):
     guest_os_features: list[str] = ["UEFI_COMPATIBLE", "VIRTIO_SCSI_MULTIQUEUE", "GVNIC"]
     deprecate_previous: bool = True
     storage_locations: list[str] = []
+    wait_minutes: int = Field(30, ge=1)
     labels: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _uefi(self) -> "GcpTarget":
+        if "UEFI_COMPATIBLE" not in self.guest_os_features:
+            raise ValueError("guest_os_features must include UEFI_COMPATIBLE (the disk boots with UEFI)")
+        return self
 
 
 class CloudTargets(StrictModel):
@@ -51,3 +75,4 @@ class CloudTargets(StrictModel):
     azure: AzureTarget | None = None
     gcp: GcpTarget | None = None
     retention_keep: int = Field(5, ge=1, description="cloud-gc keeps this many newest images per flavor")
+    retention_max_age_days: int | None = Field(None, ge=0, description="cloud-gc deletes only images also older than this")

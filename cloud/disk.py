@@ -1,0 +1,49 @@
+"""Reading disk files for upload: where the data is (SEEK_DATA/SEEK_HOLE), fixed-size
+blocks that hold data, and whether a block is all zeros."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) byte ranges that hold data; holes are skipped. Falls back to one
+    extent when the filesystem does not report holes."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:       # ENXIO: only a hole up to EOF
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
+
+
+def blocks_with_data(fd: int, size: int, block: int) -> Iterator[int]:
+    """Indexes of `block`-sized blocks that overlap any data extent, ascending, once each."""
+    last = -1
+    for start, end in data_extents(fd, size):
+        for index in range(max(start // block, last + 1), (end - 1) // block + 1):
+            yield index
+            last = index
+
+
+def read_block(fd: int, index: int, block: int, size: int) -> bytes:
+    """Block `index`, zero-padded to `block` bytes at the end of the file."""
+    data = os.pread(fd, block, index * block)
+    return data if len(data) == block else data + bytes(block - len(data))
+
+
+def allocated_bytes(path: str | os.PathLike) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+ZERO_CACHE: dict[int, bytes] = {}
+
+
+def is_zero(data: bytes) -> bool:
+    zeros = ZERO_CACHE.get(len(data))
+    if zeros is None:
+        zeros = ZERO_CACHE.setdefault(len(data), bytes(len(data)))
+    return data == zeros

@@ -1,0 +1,262 @@
+"""AWS publishing against moto's real HTTP server (via AWS_ENDPOINT_URL, through a
+recording/fault-injecting proxy): EBS direct upload whose blocks read back equal the
+disk and skip holes/zero blocks, the RegisterImage request actually sent (UEFI, ENA,
+arch, IMDSv2, TPM, block device mapping, tags), idempotent re-runs, copies to a second
+region, launch permissions, the S3 + ImportSnapshot fallback, retries of throttling and
+5xx answers, cleanup on failure, a killed-then-rerun publish, dry run and cloud-gc."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cloud.errors import PublishError
+from pipeline import publish
+from tests.servers.disks import MIB, nonzero_ranges
+from tests.servers.fixtures import aws, build_dir, flavor_paths, make_flavor, moto_server, server_logs  # noqa: F401
+from tests.servers.proxy import EC2_THROTTLE, JSON_THROTTLE, SERVER_ERROR, Reply
+
+BLOCK = 512 * 1024
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def aws_flavor(name="awstest", arch="x86_64", **target):
+    return make_flavor({"aws": {"regions": ["us-east-1", "eu-west-1"], "workers": 8, **target}}, name=name, arch=arch)
+
+
+def snapshot_bytes(moto, snapshot_id: str, size: int) -> bytes:
+    """The snapshot's content read back with the EBS direct API (absent blocks are zeros)."""
+    ebs = moto.client("ebs")
+    out = bytearray(size)
+    token = None
+    while True:
+        page = ebs.list_snapshot_blocks(SnapshotId=snapshot_id, **({"NextToken": token} if token else {}))
+        for b in page["Blocks"]:
+            data = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=b["BlockIndex"],
+                                          BlockToken=b["BlockToken"])["BlockData"].read()
+            start = b["BlockIndex"] * BLOCK
+            out[start:start + BLOCK] = data[:max(0, size - start)]
+        token = page.get("NextToken")
+        if not token:
+            return bytes(out)
+
+
+def images_named(moto, region, name):
+    return moto.client("ec2", region).describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])["Images"]
+
+
+def test_ebs_direct_publish_registers_uefi_image_and_copies(aws, build_dir):
+    flavor = aws_flavor()
+    paths = flavor_paths(flavor)
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    disk = paths.build / "disk.raw"
+
+    # blocks sent: exactly the 512 KiB blocks that hold non-zero data
+    sent = sorted(int(r.path.split("/blocks/")[1].split("?")[0]) for r in aws.ebs_calls("") if "/blocks/" in r.path and r.method == "PUT")
+    assert sent == nonzero_ranges(disk, BLOCK)
+    assert result["upload"]["bytes_sent"] == len(sent) * BLOCK < disk.stat().st_size // 4
+    start = aws.proxy.seen(lambda r: r.method == "POST" and r.path.split("?")[0] == "/snapshots")
+    assert len(start) == 1 and json.loads(start[0].body)["VolumeSize"] == 1
+
+    # the snapshot reads back equal to the disk
+    assert snapshot_bytes(aws.moto, result["snapshot"], disk.stat().st_size) == disk.read_bytes()
+
+    # what RegisterImage really carried (moto drops these fields)
+    (reg,) = aws.actions("RegisterImage")
+    form = reg.form
+    assert form["BootMode"] == "uefi" and form["Architecture"] == "x86_64"
+    assert form["EnaSupport"] == "true" and form["SriovNetSupport"] == "simple"
+    assert form["ImdsSupport"] == "v2.0" and form["TpmSupport"] == "v2.0"
+    assert form["VirtualizationType"] == "hvm" and form["RootDeviceName"] == "/dev/xvda"
+    assert form["BlockDeviceMapping.1.DeviceName"] == "/dev/xvda"
+    assert form["BlockDeviceMapping.1.Ebs.SnapshotId"] == result["snapshot"]
+    assert form["BlockDeviceMapping.1.Ebs.VolumeType"] == "gp3"
+    assert form["TagSpecification.1.ResourceType"] == "image"
+    tags = {form[k]: form[k[:-3] + "Value"] for k in form if k.startswith("TagSpecification.1.Tag.") and k.endswith(".Key")}
+    assert tags["cos-flavor"] == "awstest" and tags["cos-image"] == result["name"]
+
+    # registered in the first region, copied to the second
+    assert set(result["images"]) == {"us-east-1", "eu-west-1"}
+    for region, image_id in result["images"].items():
+        (img,) = images_named(aws.moto, region, result["name"])
+        assert img["ImageId"] == image_id
+    (copy,) = aws.actions("CopyImage")
+    assert copy.form["SourceImageId"] == result["images"]["us-east-1"] and copy.form["ClientToken"]
+
+    # recorded for later stages
+    recorded = json.loads((paths.build / "cloud-images.json").read_text())["aws"]
+    assert recorded["images"] == result["images"] and recorded["artifact_sha256"]
+    manifest = json.loads(paths.manifest.read_text())
+    assert manifest["cloud_images"]["aws"]["images"] == result["images"]
+    assert publish.is_published(flavor, paths, "aws")
+
+    # re-run: nothing new is created
+    before = len(aws.proxy.requests)
+    again = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    new = aws.proxy.requests[before:]
+    assert again["images"] == result["images"]
+    writes = [r.action or r.path for r in new if r.action not in ("DescribeImages", "GetCallerIdentity", "DescribeSnapshots")]
+    assert writes == []
+    for region in ("us-east-1", "eu-west-1"):
+        assert len(images_named(aws.moto, region, result["name"])) == 1
+
+
+def test_arm64_public_and_shared(aws, build_dir):
+    flavor = aws_flavor(name="armtest", arch="arm64", regions=["us-west-2"], public=True,
+                        share_with_accounts=["111122223333"], tpm=False)
+    paths = flavor_paths(flavor)
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    form = aws.actions("RegisterImage")[0].form
+    assert form["Architecture"] == "arm64" and "TpmSupport" not in form
+    ec2 = aws.moto.client("ec2", "us-west-2")
+    perms = ec2.describe_image_attribute(ImageId=result["images"]["us-west-2"], Attribute="launchPermission")["LaunchPermissions"]
+    assert {"Group": "all"} in perms and {"UserId": "111122223333"} in perms
+
+
+def test_s3_import_fallback(aws, build_dir):
+    aws.moto.client("s3").create_bucket(Bucket="cos-staging")
+    flavor = aws_flavor(name="importtest", regions=["us-east-1"], upload="s3-import", bucket="cos-staging")
+    paths = flavor_paths(flavor)
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    (imp,) = aws.actions("ImportSnapshot")
+    assert imp.form["DiskContainer.Format"] == "RAW" and imp.form["DiskContainer.UserBucket.S3Bucket"] == "cos-staging"
+    assert len(aws.actions("DescribeImportSnapshotTasks")) >= 3  # polled until complete
+    disk = paths.build / "disk.raw"
+    assert snapshot_bytes(aws.moto, result["snapshot"], disk.stat().st_size) == disk.read_bytes()
+    assert aws.actions("RegisterImage")[0].form["BlockDeviceMapping.1.Ebs.SnapshotId"] == result["snapshot"]
+    # the staging object is removed
+    assert aws.moto.client("s3").list_objects_v2(Bucket="cos-staging").get("KeyCount") == 0
+
+
+def test_s3_import_failure_surfaces_status_message_and_cleans_up(aws, build_dir):
+    aws.moto.client("s3").create_bucket(Bucket="cos-staging")
+    flavor = aws_flavor(name="corrupt", regions=["us-east-1"], upload="s3-import", bucket="cos-staging")
+    paths = flavor_paths(flavor)
+    with pytest.raises(PublishError, match="Disk validation failed"):
+        publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    assert aws.moto.client("s3").list_objects_v2(Bucket="cos-staging").get("KeyCount") == 0
+    assert aws.actions("RegisterImage") == []
+
+
+def test_throttling_and_5xx_are_retried(aws, build_dir):
+    is_put = lambda r: r.method == "PUT" and "/blocks/" in r.path  # noqa: E731
+    faults = [aws.proxy.inject(is_put, 6, JSON_THROTTLE),
+              aws.proxy.inject(is_put, 2, SERVER_ERROR),
+              aws.proxy.inject(lambda r: "/snapshots/completion/" in r.path, 1, SERVER_ERROR),
+              aws.proxy.inject(lambda r: r.action == "RegisterImage", 2, EC2_THROTTLE),
+              aws.proxy.inject(lambda r: r.action == "DescribeImages", 2, EC2_THROTTLE),
+              aws.proxy.inject(lambda r: r.action == "CopyImage", 1, EC2_THROTTLE)]
+    flavor = aws_flavor(name="faulty")
+    paths = flavor_paths(flavor)
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    assert all(f.hits == f.times for f in faults)
+    disk = paths.build / "disk.raw"
+    assert snapshot_bytes(aws.moto, result["snapshot"], disk.stat().st_size) == disk.read_bytes()
+    for region in ("us-east-1", "eu-west-1"):
+        assert len(images_named(aws.moto, region, result["name"])) == 1
+
+
+def test_failed_upload_removes_its_snapshot(aws, build_dir):
+    aws.proxy.inject(lambda r: "/snapshots/completion/" in r.path, 1000,
+                     Reply(400, b'{"message": "checksum mismatch (injected)"}',
+                           {"Content-Type": "application/json", "x-amzn-ErrorType": "ValidationException"}))
+    flavor = aws_flavor(name="failing", regions=["us-east-1"])
+    paths = flavor_paths(flavor)
+    with pytest.raises(PublishError, match="ValidationException"):
+        publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    started = json.loads(aws.proxy.seen(lambda r: r.path.split("?")[0] == "/snapshots")[0].body)
+    assert started["ClientToken"]
+    snaps = aws.moto.client("ec2").describe_snapshots(OwnerIds=["self"])["Snapshots"]
+    assert [s for s in snaps if any(t["Key"] == "cos-flavor" for t in s.get("Tags", []))] == []
+    assert not (paths.build / "cloud-images.json").exists()
+
+
+def test_dry_run_changes_nothing(aws, build_dir, monkeypatch):
+    monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
+    flavor = aws_flavor(name="plan")
+    paths = flavor_paths(flavor)
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    assert result["dry_run"] and any("upload disk.raw" in s for s in result["plan"])
+    assert any("copy to eu-west-1" in s for s in result["plan"])
+    assert {r.action for r in aws.proxy.requests} <= {"GetCallerIdentity", "DescribeImages"}
+    assert not (paths.build / "cloud-images.json").exists()
+
+
+KILL_SCRIPT = """
+import sys, logging
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, {repo!r})
+from tests.servers.fixtures import make_flavor
+from pipeline.config import FlavorPaths
+from pipeline import publish
+flavor = make_flavor({clouds!r}, name="killed")
+publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", "aws")
+"""
+
+
+@pytest.mark.slow
+def test_killed_publish_then_rerun_gives_one_image(aws, build_dir):
+    clouds = {"aws": {"regions": ["us-east-1", "eu-west-1"], "workers": 2}}
+    flavor = make_flavor(clouds, name="killed")
+    paths = flavor_paths(flavor)
+    is_put = lambda r: r.method == "PUT" and "/blocks/" in r.path  # noqa: E731
+    aws.proxy.delay = (is_put, 0.3)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO, clouds=clouds)],
+                            env=os.environ.copy(), cwd=REPO)
+    deadline = time.monotonic() + 60
+    while len(aws.proxy.seen(is_put)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the publish finished before it could be killed"
+    proc.kill()
+    proc.wait()
+    assert aws.actions("RegisterImage") == []
+    aws.proxy.delay = None
+
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    for region in ("us-east-1", "eu-west-1"):
+        assert len(images_named(aws.moto, region, result["name"])) == 1
+    disk = paths.build / "disk.raw"
+    assert snapshot_bytes(aws.moto, result["snapshot"], disk.stat().st_size) == disk.read_bytes()
+    # the killed run's unfinished snapshot is gone; only the image's snapshot is left
+    snaps = aws.moto.client("ec2").describe_snapshots(
+        OwnerIds=["self"], Filters=[{"Name": "tag:cos-image", "Values": [result["name"]]}])["Snapshots"]
+    assert [s["SnapshotId"] for s in snaps] == [result["snapshot"]]
+
+
+def test_gc_keeps_newest_and_is_dry_run_by_default(aws, build_dir):
+    flavor = aws_flavor(name="gctest", regions=["us-east-1"])
+    names = []
+    for seed in (1, 2, 3):
+        paths = flavor_paths(flavor, seed=seed)
+        names.append(publish.publish_cloud(flavor, paths, "0.1.0", "aws")["name"])
+        time.sleep(1.1)  # distinct creation times
+    from pipeline.graph import FlavorContext
+    ctx = FlavorContext(make_flavor({"aws": {"regions": ["us-east-1"]}, "retention_keep": 1}, name="gctest"),
+                        paths, "0.1.0")
+    ec2 = aws.moto.client("ec2")
+    items = publish.gc([ctx])
+    assert len(items) == 2
+    assert all(len(images_named(aws.moto, "us-east-1", n)) == 1 for n in names)  # dry run: all still there
+    publish.gc([ctx], apply=True)
+    assert [len(images_named(aws.moto, "us-east-1", n)) for n in names] == [0, 0, 1]
+    left = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag:cos-flavor", "Values": ["gctest"]}])["Snapshots"]
+    assert len(left) == 1
+
+
+def test_tasks_only_for_configured_clouds(aws, build_dir):
+    from pipeline.graph import FlavorContext
+    flavor = aws_flavor(name="tasks")
+    paths = flavor_paths(flavor)
+    ctx = FlavorContext(flavor, paths, "0.1.0")
+    tasks = list(publish.tasks(ctx))
+    assert [t.get("name") for t in tasks] == [None, "aws"]
+    assert all(t["basename"] == "publish-tasks" for t in tasks)
+    uptodate = tasks[1]["uptodate"][0]
+    assert uptodate() is False
+    publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    assert uptodate() is True
+    assert [t.get("name") for t in publish.tasks(FlavorContext(make_flavor({}, name="none"), paths, "0.1.0"))] == [None]
