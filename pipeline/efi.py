@@ -53,17 +53,12 @@ def grub_dir(target: str) -> Path:
 
 
 def early_config(labels: list[str], config: str) -> str:
-    """The config embedded in core images: find the first filesystem carrying one of
-    `labels` (in order), make it the root and load `config` from it."""
-    lines = ["set cos_root="]
-    for label in labels:
-        lines.append(f'if [ -z "$cos_root" ]; then search --no-floppy --label --set=cos_root {label}; fi')
-    lines += ['if [ -z "$cos_root" ]; then',
-              f'    echo "cOS: no filesystem labelled {" or ".join(labels)} found"; sleep 10; reboot',
-              "fi",
-              "set root=$cos_root",
-              "set prefix=($root)" + str(Path(config).parent),
-              f"configfile ($root){config}", ""]
+    """The config embedded in core images: make the filesystem labelled with the first
+    of `labels` found the root, then load `config` from it. The embedded config runs
+    before normal.mod's script parser (no `if`), so fallbacks are plain searches in
+    reverse order of preference: a later hit overrides an earlier one."""
+    lines = [f"search --no-floppy --label --set=root {label}" for label in reversed(labels)]
+    lines += [f"set prefix=($root){Path(config).parent}", f"configfile ($root){config}", ""]
     return "\n".join(lines)
 
 
