@@ -313,3 +313,49 @@ def _zstd_present():
         if os.environ.get("CI"):
             pytest.fail("zstd is not installed (apt-get install zstd)")
         pytest.skip("zstd is not installed (apt-get install zstd)")
+
+
+def test_release_created_meanwhile_by_another_job_is_reused(gh, build):
+    """Matrix jobs share one release: another job creates it between our lookup and our
+    create (422 already_exists), and its notes section must survive ours."""
+    other = "<!-- cos-release:green-x86_64 -->\ngreen notes\n<!-- /cos-release:green-x86_64 -->"
+    resp = httpx.post(f"{gh.api_url}/repos/{gh.repository}/releases", json={"tag_name": TAG, "body": other},
+                      headers={"Authorization": f"Bearer {gh.token}"})
+    assert resp.status_code == 201
+    gh.inject("GET", rf"/releases/tags/{TAG}$", status=404, times=2)  # our lookups miss it
+    release(gh, build)
+    assert len(gh.releases) == 1
+    assert any(m == "POST" and p.endswith("/releases") and s == 422 for m, p, s in gh.log)
+    body = gh.release(TAG).body
+    assert "green notes" in body and f"<!-- cos-release:{KEY} -->" in body
+    assert set(remote_assets(gh)) == EXPECTED
+
+
+@pytest.mark.slow
+def test_release_of_the_real_red_build(red_build, red_paths, gh, tmp_path):
+    """The real artifacts of `doit build-red` (ISO, raw, VHD, GCE tar, qcow2) released."""
+    kinds = {a["kind"] for a in red_build.get("artifacts", [])}
+    missing = {"iso", "raw", "azure-vhd", "gce-tar", "qcow2"} - kinds
+    if missing:
+        reason = f"the red build has no {sorted(missing)} artifacts yet"
+        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    env = {"GITHUB_API_URL": gh.api_url, "GITHUB_REPOSITORY": gh.repository, "GITHUB_TOKEN": gh.token}
+    run_doit("release-red", env=env)
+    rel = next(iter(gh.releases.values()))
+    assets = {a.name: a for a in rel.assets.values()}
+    version, arch = red_build["version"], red_build["arch"]
+    by_kind = {a["kind"]: a for a in red_build["artifacts"]}
+    iso = f"cOS-Seed-red-{version}-{arch}.iso"
+    parts = sorted(n for n in assets if n.startswith(iso))
+    assert sum(len(assets[p].data) for p in parts) == by_kind["iso"]["size"]
+    raw = assets[f"cOS-Vanilla-RAW-red-{version}-{arch}.raw.zst"]
+    out = subprocess.run(["zstd", "-d", "-c"], input=raw.data, capture_output=True, check=True).stdout
+    assert sha256(out) == by_kind["raw"]["sha256"]
+    sums = dict(reversed(line.split("  ", 1)) for line in
+                assets[f"SHA256SUMS-red-{arch}"].data.decode().splitlines())
+    for name, asset in assets.items():
+        if not name.startswith("SHA256SUMS"):
+            assert sums[name] == asset.sha256
+    before = gh.uploads_done()
+    run_doit("release-red", env=env)
+    assert gh.uploads_done() == before
