@@ -155,20 +155,20 @@ class BootInputs:
 
 
 def boot_inputs(paths) -> BootInputs:
-    """Inputs of flavor `paths` (a FlavorPaths) as left by the squashfs stage."""
-    from . import manifest  # late: manifest imports files only, but keep efi import-light
+    """Inputs of flavor `paths` (a FlavorPaths) as left by the squashfs stage. The
+    epoch is the squashfs stage's: $SOURCE_DATE_EPOCH, else the image's creation time
+    (the manifest's source_date_epoch), read from the image stage's record."""
+    import json
     from .files import DIGESTS
+    from .squashfs import source_date_epoch
     b = paths.build
-    files = (b / "rootfs.squashfs", b / "boot/vmlinuz", b / "boot/initrd")
+    files = (b / "rootfs.squashfs", b / "boot/vmlinuz", b / "boot/initrd", paths.state("image"))
     for f in files:
         if not f.is_file():
             raise PipelineError(f"{f} is missing", f"run: doit build-{paths.flavor.name}:squashfs")
-    sde = os.environ.get("SOURCE_DATE_EPOCH") or manifest.read(paths.manifest).get("source_date_epoch")
-    if sde is None:
-        raise PipelineError(f"{paths.manifest}: no source_date_epoch and $SOURCE_DATE_EPOCH is unset",
-                            f"run: doit build-{paths.flavor.name}:image")
+    sde = source_date_epoch(json.loads(files[3].read_text()))
     seed = f"{paths.flavor.name}:{DIGESTS.sha256(files[0])}"
-    return BootInputs(*files, sde=int(sde), seed=seed)
+    return BootInputs(*files[:3], sde=sde, seed=seed)
 
 
 def artifact_name(kind: str, flavor, version: str, ext: str) -> str:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import image, packages, publish, release, squashfs, version
+from . import disk, formats, image, iso, packages, publish, release, squashfs, version
 from .config import REPO_ROOT, Flavor, FlavorPaths, load_all
 from .errors import PipelineError
 
@@ -112,6 +112,50 @@ def squashfs_task(ctx: FlavorContext) -> Task:
             "clean": True}
 
 
+def _boot_inputs(ctx: FlavorContext) -> list[Path]:
+    """What every bootable artifact is made from (image.json: the source date epoch)."""
+    b = ctx.paths.build
+    return [b / "rootfs.squashfs", b / "boot/vmlinuz", b / "boot/initrd", ctx.paths.state("image")]
+
+
+def iso_task(ctx: FlavorContext) -> Task:
+    out = iso.iso_path(ctx.flavor, ctx.paths, ctx.version)
+    return {"name": "iso", "doc": f"hybrid BIOS/UEFI live ISO {out.name} (+ .sha256)",
+            "file_dep": _boot_inputs(ctx),
+            "targets": [out, out.with_name(out.name + ".sha256")],
+            "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(),
+                                         "sde": squashfs.os.environ.get("SOURCE_DATE_EPOCH")})],
+            "actions": [stage_action(iso.iso_stage, ctx.flavor, ctx.paths, ctx.version)],
+            "clean": True}
+
+
+def raw_task(ctx: FlavorContext) -> Task:
+    out = disk.raw_path(ctx.flavor, ctx.paths, ctx.version)
+    return {"name": "raw", "doc": f"raw GPT cOS disk {out.name} (boots to recovery)",
+            "file_dep": _boot_inputs(ctx),
+            "targets": [out],
+            "uptodate": [config_changed({"disk": ctx.flavor.disk.model_dump(),
+                                         "sde": squashfs.os.environ.get("SOURCE_DATE_EPOCH")})],
+            "actions": [stage_action(disk.raw_stage, ctx.flavor, ctx.paths, ctx.version)],
+            "clean": True}
+
+
+def format_tasks(ctx: FlavorContext) -> list[Callable[[FlavorContext], Task]]:
+    """One task per disk format (qcow2, azure-vhd, gce-tar), each from the raw disk."""
+    def make(kind: str) -> Callable[[FlavorContext], Task]:
+        def task(c: FlavorContext) -> Task:
+            fmt = formats.FORMATS[kind]
+            raw = disk.raw_path(c.flavor, c.paths, c.version)
+            return {"name": kind, "doc": f"{kind} from the raw disk",
+                    "file_dep": [raw, c.paths.state("image")],
+                    "targets": [fmt.path(c.flavor, c.paths, c.version)],
+                    "uptodate": [config_changed({"sde": squashfs.os.environ.get("SOURCE_DATE_EPOCH")})],
+                    "actions": [stage_action(formats.format_stage, kind, c.flavor, c.paths, c.version, raw)],
+                    "clean": True}
+        return task
+    return [make(kind) for kind in formats.FORMATS]
+
+
 def flavor_tasks(ctx: FlavorContext) -> Iterator[Task]:
     yield {"basename": f"build-{ctx.name}", "name": None,
            "doc": f"build every artifact of flavor {ctx.name} ({ctx.flavor.description})"}
@@ -119,6 +163,7 @@ def flavor_tasks(ctx: FlavorContext) -> Iterator[Task]:
     if ctx.flavor.registry:
         stages.append(push_task)
     stages += [squashfs_task]
+    stages += [iso_task, raw_task, *format_tasks(ctx)]
     for make in stages:
         yield {"basename": f"build-{ctx.name}", **make(ctx)}
 

@@ -27,6 +27,7 @@ QEMU = "qemu-system-x86_64"
 TAIL_LINES = 60
 BOOT_FAILED = (r"grub> |grub rescue> |Entering emergency mode|Kernel panic|"
                r"dracut: FATAL|Boot Failed|No bootable device|Give root password")
+PROMPT = re.compile(r"^\S+@\S+:\S*[#$] *$")  # a bare shell prompt line
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-B]|\r")
 
 
@@ -176,7 +177,8 @@ class VM:
         self.send(f"{command}; echo \"@@{n}:$?@@\"")
         m = self.expect(rf"(?s)\n?(.*?)@@{n}:(\d+)@@", timeout)
         out, rc = m.group(1), int(m.group(2))
-        lines = [ln for ln in out.splitlines() if not ln.rstrip().endswith(f'"@@{n}:$?@@"')]
+        lines = [ln for ln in out.splitlines()
+                 if not ln.rstrip().endswith(f'"@@{n}:$?@@"') and not PROMPT.match(ln)]
         out = "\n".join(lines).strip()
         if check and rc != 0:
             raise self.fail(f"command {command!r} exited {rc}:\n{out}")
