@@ -13,7 +13,9 @@ import pytest
 
 from pipeline.config import Flavor, FlavorPaths, load_flavor
 
+from .arm import IDENTITY_HEADER, ArmServer
 from .aws import ImportSnapshotTasks, MotoServer
+from .azurite import Azurite
 from .disks import make_build
 from .proxy import FaultProxy
 
@@ -66,6 +68,57 @@ def aws(moto_server, monkeypatch):
     proxy.close()
 
 
+@pytest.fixture(scope="session")
+def azurite_server(server_logs):
+    server = Azurite(server_logs)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def arm_server(server_logs):
+    server = ArmServer(server_logs)
+    yield server
+    server.close()
+
+
+SUBSCRIPTION = "00000000-0000-0000-0000-00000000c05e"
+
+
+@dataclass
+class AzureEnv:
+    azurite: Azurite
+    arm: ArmServer
+    proxy: FaultProxy      # in front of Azurite
+    subscription: str = SUBSCRIPTION
+
+    def blob_service(self):
+        from azure.storage.blob import BlobServiceClient
+        return BlobServiceClient.from_connection_string(self.azurite.connection_string())
+
+
+@pytest.fixture
+def azure(azurite_server, arm_server, monkeypatch):
+    """Azurite behind a fault proxy + the local ARM server, reached through the standard
+    variables (connection string, managed identity endpoint, CA bundle) and COS_AZURE_ARM_ENDPOINT."""
+    arm_server.resources.clear()
+    arm_server.operations.clear()
+    arm_server.requests.clear()
+    arm_server.faults.clear()
+    proxy = FaultProxy(azurite_server.port)
+    for var in CLEAR_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
+                       azurite_server.connection_string(f"{proxy.url}/devstoreaccount1"))
+    monkeypatch.setenv("IDENTITY_ENDPOINT", f"{arm_server.url}/msi/token")
+    monkeypatch.setenv("IDENTITY_HEADER", IDENTITY_HEADER)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(arm_server.ca_path))
+    monkeypatch.setenv("COS_AZURE_ARM_ENDPOINT", arm_server.url)
+    monkeypatch.setenv("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION)
+    yield AzureEnv(azurite_server, arm_server, proxy)
+    proxy.close()
+
+
 @pytest.fixture
 def build_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("COS_BUILD_DIR", str(tmp_path / "build"))
@@ -84,4 +137,5 @@ def flavor_paths(flavor: Flavor, seed: int = 1) -> FlavorPaths:
     return paths
 
 
-__all__ = ["server_logs", "moto_server", "aws", "build_dir", "make_flavor", "flavor_paths", "os"]
+__all__ = ["server_logs", "moto_server", "aws", "azurite_server", "arm_server", "azure", "build_dir",
+           "make_flavor", "flavor_paths", "os"]
