@@ -113,7 +113,19 @@ def make_ext4(out: Path, part: Part, tree: Path, inputs: efi.BootInputs) -> Path
         run(["mkfs.ext4", "-q", "-F", "-L", part.label, "-U", str(inputs.uuid(f"fs-{part.name}")),
              "-E", f"hash_seed={inputs.uuid(f'hash-{part.name}')},root_owner=0:0,nodiscard",
              "-m", "0", "-d", tree, tmp, f"{part.size_mib}M"], env=env, stdout=subprocess.DEVNULL)
+        _pin_times(tmp, tree, inputs.sde, env)
     return out
+
+
+def _pin_times(image: Path, tree: Path, sde: int, env: dict) -> None:
+    """mkfs.ext4 -d (e2fsprogs 1.47.0) copies each file's atime and ctime from the
+    staging tree, and ctime cannot be set on the host: set both with debugfs."""
+    paths = ["/"] + sorted("/" + str(p.relative_to(tree)) for p in tree.rglob("*"))
+    script = "".join(f'sif "{p}" {field} @{sde}\n' for p in paths for field in ("ctime", "atime"))
+    with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as cmds:
+        cmds.write(script)
+        cmds.flush()
+        run(["debugfs", "-w", "-f", cmds.name, image], env=env, stdout=subprocess.DEVNULL)
 
 
 def read_menu(squashfs: Path, dest: Path) -> None:

@@ -15,7 +15,6 @@ log = logging.getLogger("cos.run")
 # Debian package that ships each tool we call; used only for the error hint.
 TOOL_PACKAGES = {
     "tar2sqfs": "squashfs-tools-ng",
-    "rdsquashfs": "squashfs-tools-ng",
     "sqfsdiff": "squashfs-tools-ng",
     "mksquashfs": "squashfs-tools",
     "unsquashfs": "squashfs-tools",
@@ -23,6 +22,9 @@ TOOL_PACKAGES = {
     "xorriso": "xorriso",
     "mkfs.vfat": "dosfstools",
     "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "mdir": "mtools",
+    "rdsquashfs": "squashfs-tools-ng",
     "mcopy": "mtools",
     "mmd": "mtools",
     "sgdisk": "gdisk",
