@@ -7,9 +7,14 @@ import sys
 from pipeline import log
 from pipeline.config import build_root
 from pipeline.errors import ConfigError
-from pipeline.files import DigestChecker
+from pipeline.files import DigestChecker, hold_build_lock
 
 log.setup()
+
+# Commands that only read the graph may run beside a build; anything else takes the lock.
+READ_ONLY_COMMANDS = {"list", "info", "help", "graph", "dumpdb", "strace", "tabcompletion"}
+if not (set(sys.argv[1:]) & READ_ONLY_COMMANDS):
+    hold_build_lock(build_root())
 
 DOIT_CONFIG = {
     "dep_file": str(build_root() / ".doit.db"),

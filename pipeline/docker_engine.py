@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 from functools import lru_cache
@@ -154,17 +155,43 @@ class ExportedRootfs:
         self.container = None
 
     def __enter__(self):
-        # A run killed mid-export (SIGKILL skips __exit__) leaves its container: remove those.
-        for stale in client().containers.list(all=True, filters={"label": EXPORT_LABEL}):
-            stale.remove(force=True)
+        _remove_orphan_exports()
         # Images from `docker import` have no CMD; a command must be given.
-        self.container = client().containers.create(self.image, command=["/bin/true"],
-                                                    labels={EXPORT_LABEL: "1"})
+        self.container = client().containers.create(
+            self.image, command=["/bin/true"],
+            labels={EXPORT_LABEL: f"{socket.gethostname()}:{os.getpid()}"})
         return self.container.export(chunk_size=1024 * 1024)
 
     def __exit__(self, *exc):
+        import docker
         if self.container is not None:
-            self.container.remove(force=True)
+            try:
+                self.container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+
+
+def _remove_orphan_exports() -> None:
+    """A run killed mid-export (SIGKILL skips __exit__) leaves its container behind.
+    Remove only those whose process on this host is gone: others may be exporting now."""
+    import docker
+    for c in client().containers.list(all=True, filters={"label": EXPORT_LABEL}):
+        host, _, pid = c.labels.get(EXPORT_LABEL, "").partition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def docker_cli_available() -> bool:

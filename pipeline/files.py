@@ -49,6 +49,24 @@ def write_json_atomic(path: Path, data: object) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+_BUILD_LOCK = None
+
+
+def hold_build_lock(build: Path) -> None:
+    """One doit run at a time per build directory (doit's state and our outputs are not
+    safe to share); a second run waits, saying why. Held until the process exits."""
+    import fcntl
+    import sys
+    global _BUILD_LOCK
+    build.mkdir(parents=True, exist_ok=True)
+    _BUILD_LOCK = open(build / ".lock", "w")
+    try:
+        fcntl.flock(_BUILD_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"waiting for another doit run using {build} ...", file=sys.stderr, flush=True)
+        fcntl.flock(_BUILD_LOCK, fcntl.LOCK_EX)
+
+
 class DigestCache:
     """sha256 of files, remembered across runs in one small JSON file."""
 
