@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import efi, manifest
+from . import efi
 from .config import DiskLayout, Flavor, FlavorPaths
 from .errors import PipelineError
 from .files import atomic_path, file_entry
@@ -225,5 +225,5 @@ def raw_stage(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
     out = raw_path(flavor, paths, version)
     build_raw(out, efi.boot_inputs(paths), flavor.disk)
     entry = file_entry("raw", out, paths.build)
-    manifest.add_artifacts(paths.manifest, entry)
+    efi.record_artifact(paths, entry)
     return entry

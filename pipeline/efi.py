@@ -174,3 +174,16 @@ def boot_inputs(paths) -> BootInputs:
 def artifact_name(kind: str, flavor, version: str, ext: str) -> str:
     """cOS release names: cOS-<kind>-<flavor>-<version>-<arch>.<ext>."""
     return f"cOS-{kind}-{flavor.name}-{version}-{flavor.arch}.{ext}"
+
+
+def record_artifact(paths, entry: dict, companions: tuple[str, ...] = ()) -> None:
+    """Add `entry` to the manifest; delete the file it replaces (same kind, other name:
+    names carry the version, so each build would otherwise leave GBs behind).
+    `companions` are suffixes of files that go with it (e.g. '.sha256')."""
+    from . import manifest
+    old = manifest.artifact(paths.manifest, entry["kind"])
+    manifest.add_artifacts(paths.manifest, entry)
+    if old and old["path"] != entry["path"]:
+        stale = paths.build / old["path"]
+        for f in (stale, *(stale.with_name(stale.name + s) for s in companions)):
+            f.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import ClassVar
 
-from . import efi, manifest
+from . import efi
 from .config import Flavor, FlavorPaths
 from .errors import PipelineError
 from .files import atomic_path, file_entry
@@ -137,5 +137,5 @@ def format_stage(kind: str, flavor: Flavor, paths: FlavorPaths, version: str, ra
         raise PipelineError(f"{raw} is missing", f"run: doit build-{flavor.name}:raw")
     out = fmt.convert(raw, fmt.path(flavor, paths, version), efi.boot_inputs(paths))
     entry = file_entry(fmt.kind, out, paths.build)
-    manifest.add_artifacts(paths.manifest, entry)
+    efi.record_artifact(paths, entry)
     return entry

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import efi, manifest
+from . import efi
 from .config import Flavor, FlavorPaths
 from .files import DIGESTS, atomic_path, file_entry
 from .run import run
@@ -97,5 +97,5 @@ def iso_stage(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
               title=f"cOS {flavor.name} {version} (live)")
     write_sha256(out)
     entry = file_entry("iso", out, paths.build)
-    manifest.add_artifacts(paths.manifest, entry)
+    efi.record_artifact(paths, entry, companions=(".sha256",))
     return entry

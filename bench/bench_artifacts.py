@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Benchmark the bootable-artifact stages of a flavor (default red) against the bare
+commands run by hand, from the same inputs (build/<flavor>/ after `doit build-<flavor>`).
+
+  .venv/bin/python bench/bench_artifacts.py [--flavor red] [--repeat 2] [--no-boot]
+
+Rows: ISO, raw disk, qcow2, Azure VHD, GCE tar: the pipeline's stage function (in a
+scratch build dir: same code path as doit, manifest and digests included) vs the
+same tools typed by hand (shell script), best of --repeat; target ratio <= 1.10.
+Then the raw disk's allocated vs nominal size, and seconds from QEMU start to the
+login prompt (ISO under OVMF, raw disk under SeaBIOS).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline import config, disk, efi, files, formats, iso  # noqa: E402
+from pipeline.config import FlavorPaths, load_flavor  # noqa: E402
+
+TARGET = 1.10
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def sh(script: str, cwd: Path, env: dict | None = None) -> None:
+    subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, check=True,
+                   env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
+
+
+def scratch_build(paths: FlavorPaths, scratch: Path) -> FlavorPaths:
+    """A build dir holding hard links to the flavor's inputs, so stages write there."""
+    dest = scratch / paths.flavor.name
+    (dest / "boot").mkdir(parents=True)
+    for name in ("rootfs.squashfs", "boot/vmlinuz", "boot/initrd", "image.json", "manifest.json"):
+        os.link(paths.build / name, dest / name)
+    os.environ["COS_BUILD_DIR"] = str(scratch)
+    return FlavorPaths(paths.flavor)
+
+
+def by_hand_iso(inp: efi.BootInputs, flavor, out: Path, work: Path) -> str:
+    grub, label = efi.GRUB_LIB, flavor.boot.live_label
+    mods = " ".join(efi.BIOS_MODULES)
+    emods = " ".join(efi.EFI_MODULES)
+    cmdline = iso.live_cmdline(label, flavor.boot.cmdline)
+    return f"""
+cd {work}
+printf 'search --no-floppy --label --set=root {label}\\nconfigfile ($root)/boot/grub/grub.cfg\\n' > early.cfg
+printf 'serial --unit=0 --speed=115200\\nterminal_output serial console\\nmenuentry live {{\\n linux /boot/vmlinuz {cmdline}\\n initrd /boot/initrd\\n}}\\n' > grub.cfg
+grub-mkimage -O i386-pc-eltorito -d {grub}/i386-pc -c early.cfg -p /boot/grub -o eltorito.img {mods}
+grub-mkimage -O x86_64-efi -d {grub}/x86_64-efi -c early.cfg -p /boot/grub -o BOOTX64.EFI {emods}
+rm -f esp.img; mkfs.vfat -C --invariant -n COS_ESP esp.img 4096
+mmd -i esp.img ::/EFI ::/EFI/BOOT; mcopy -i esp.img BOOTX64.EFI ::/EFI/BOOT/BOOTX64.EFI
+rm -f {out}
+xorriso -volume_date all_file_dates ={inp.sde} -as mkisofs -quiet -o {out} -iso-level 3 -R -J -joliet-long \\
+  -V {label} -graft-points -b boot/grub/i386-pc/eltorito.img -no-emul-boot -boot-load-size 4 \\
+  -boot-info-table --grub2-boot-info --grub2-mbr {grub}/i386-pc/boot_hybrid.img -partition_offset 16 \\
+  --mbr-force-bootable -append_partition 2 0xef esp.img -eltorito-alt-boot \\
+  -e --interval:appended_partition_2:all:: -no-emul-boot \\
+  /rootfs.squashfs={inp.squashfs} /boot/vmlinuz={inp.kernel} /boot/initrd={inp.initrd} \\
+  /boot/grub/grub.cfg=grub.cfg /boot/grub/i386-pc/eltorito.img=eltorito.img
+sha256sum {out} > {out}.sha256
+"""
+
+
+def by_hand_raw(inp: efi.BootInputs, flavor, out: Path, work: Path) -> str:
+    d, grub = flavor.disk, efi.GRUB_LIB
+    parts = disk.layout(d)
+    starts, total = disk.offsets(parts)
+    mods, emods = " ".join(efi.BIOS_MODULES), " ".join(efi.EFI_MODULES)
+    sg = " ".join(f"-n {i}:{s * 2048}:{(s + p.size_mib) * 2048 - 1} -t {i}:{p.type} -c {i}:{p.name}"
+                  for i, (p, s) in enumerate(zip(parts, starts), 1))
+    return f"""
+cd {work}
+printf 'search --no-floppy --label --set=root {d.recovery.label}\\nconfigfile ($root)/etc/cos/grub.cfg\\n' > early.cfg
+grub-mkimage -O i386-pc -d {grub}/i386-pc -c early.cfg -p /boot/grub -o core.img {mods}
+grub-mkimage -O x86_64-efi -d {grub}/x86_64-efi -c early.cfg -p /boot/grub -o BOOTX64.EFI {emods}
+rm -f efi.img; mkfs.vfat -C --invariant -n {d.efi.label} efi.img {d.efi.size_mib * 1024}
+mmd -i efi.img ::/EFI ::/EFI/BOOT; mcopy -i efi.img BOOTX64.EFI ::/EFI/BOOT/BOOTX64.EFI
+mkdir -p oem rec/cOS rec/boot rec/etc/cos
+printf '# GRUB Environment Block\\nnext_entry=recovery\\n' > oem/grubenv; truncate -s 1024 oem/grubenv
+cp {inp.squashfs} rec/cOS/recovery.squashfs; cp {inp.kernel} rec/boot/vmlinuz; cp {inp.initrd} rec/boot/initrd
+rdsquashfs -c /etc/cos/grub.cfg {inp.squashfs} > rec/etc/cos/grub.cfg
+rdsquashfs -c /etc/cos/bootargs.cfg {inp.squashfs} > rec/etc/cos/bootargs.cfg
+mkfs.ext4 -q -F -L {d.oem.label} -d oem oem.img {d.oem.size_mib}M >/dev/null
+mkfs.ext4 -q -F -L {d.recovery.label} -d rec rec.img {d.recovery.size_mib}M >/dev/null
+rm -f {out}; truncate -s {total}M {out}
+sgdisk --clear {sg} {out} >/dev/null
+dd if=efi.img of={out} bs=1M seek={starts[1]} conv=notrunc,sparse status=none
+dd if=oem.img of={out} bs=1M seek={starts[2]} conv=notrunc,sparse status=none
+dd if=rec.img of={out} bs=1M seek={starts[3]} conv=notrunc,sparse status=none
+dd if=core.img of={out} bs=512 seek={starts[0] * 2048} conv=notrunc status=none
+dd if={grub}/i386-pc/boot.img of={out} bs=440 count=1 conv=notrunc status=none
+"""
+
+
+def by_hand_format(kind: str, raw: Path, out: Path, work: Path, sde: int) -> str:
+    if kind == "qcow2":
+        return f"qemu-img convert -f raw -O qcow2 {raw} {out}"
+    if kind == "azure-vhd":
+        return f"qemu-img convert -f raw -O vpc -o subformat=fixed,force_size {raw} {out}"
+    gib = -(-raw.stat().st_size // 2**30)
+    return f"""cd {work}; cp --sparse=always {raw} disk.raw; truncate -s {gib}G disk.raw
+tar --sort=name --mtime=@{sde} --owner=0 --group=0 --numeric-owner --format=oldgnu -S -cf - disk.raw \\
+  | gzip -n > {out}; rm -f disk.raw"""
+
+
+def boot_seconds(path: Path, media: str, firmware: str) -> float | str:
+    from tests.qemu import VM, Drive, missing_tools
+    if missing_tools(firmware):
+        return "n/a"
+    with VM(Drive(path, media), firmware=firmware, name=f"bench-{firmware}-{media}") as vm:
+        seconds = vm.login(timeout=600)
+        vm.poweroff()
+    return seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--flavor", default="red")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-boot", action="store_true", help="skip the QEMU boot timings")
+    args = ap.parse_args()
+
+    flavor = load_flavor(args.flavor)
+    real = FlavorPaths(flavor)
+    version = "bench"
+    rows: list[tuple[str, float, float]] = []
+    with tempfile.TemporaryDirectory(dir=config.build_root(), prefix=".bench-") as tmp:
+        scratch = Path(tmp)
+        paths = scratch_build(real, scratch / "build")
+        inputs = efi.boot_inputs(paths)
+        hand = scratch / "hand"
+        hand.mkdir()
+
+        def fresh_work() -> Path:
+            w = scratch / "work"
+            shutil.rmtree(w, ignore_errors=True)
+            w.mkdir()
+            return w
+
+        pipe = best(lambda: iso.iso_stage(flavor, paths, version), args.repeat)
+        manual = best(lambda: sh(by_hand_iso(inputs, flavor, hand / "x.iso", fresh_work()), scratch), args.repeat)
+        rows.append(("ISO", pipe, manual))
+
+        pipe = best(lambda: disk.raw_stage(flavor, paths, version), args.repeat)
+        manual = best(lambda: sh(by_hand_raw(inputs, flavor, hand / "x.raw", fresh_work()), scratch), args.repeat)
+        rows.append(("raw disk", pipe, manual))
+
+        raw = disk.raw_path(flavor, paths, version)
+        for kind in formats.FORMATS:
+            pipe = best(lambda: formats.format_stage(kind, flavor, paths, version, raw), args.repeat)
+            manual = best(lambda: sh(by_hand_format(kind, raw, hand / f"x.{kind}", fresh_work(), inputs.sde),
+                                     scratch), args.repeat)
+            rows.append((kind, pipe, manual))
+
+        st = raw.stat()
+        iso_file = iso.iso_path(flavor, paths, version)
+        print(f"\nbootable artifacts of {flavor.name}, best of {args.repeat} (seconds)")
+        print(f"{'artifact':<12}{'pipeline':>10}{'by hand':>10}{'ratio':>8}  target <= {TARGET:.2f}")
+        for name, p, m in rows:
+            ratio = p / m
+            print(f"{name:<12}{p:>10.2f}{m:>10.2f}{ratio:>8.2f}  {'ok' if ratio <= TARGET else 'OVER'}")
+        print(f"\nraw disk: nominal {st.st_size / 2**20:.0f} MiB, allocated {st.st_blocks * 512 / 2**20:.0f} MiB "
+              f"({st.st_blocks * 512 / st.st_size:.1%}); ISO {iso_file.stat().st_size / 2**20:.0f} MiB")
+        if not args.no_boot:
+            print("\nQEMU (TCG) start -> login prompt:")
+            for label, path, media, fw in [("ISO, OVMF, CD-ROM", iso_file, "cdrom", "uefi"),
+                                           ("raw, SeaBIOS, disk", raw, "disk", "bios")]:
+                s = boot_seconds(path, media, fw)
+                print(f"  {label:<22}{s if isinstance(s, str) else f'{s:.1f} s'}")
+        files.DIGESTS.save()  # now, while the scratch dir exists (not at exit, after it is gone)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
