@@ -45,6 +45,7 @@ MAX_ASSETS = 1000           # ... and more than 1000 assets in one release
 # The disks hold mostly zeros and an already-compressed squashfs: higher levels or --long
 # buy < 1 % here for 2-6x the time (2 GiB sparse raw: -3 2.8 s, -10 5.8 s, -10 --long 18.6 s).
 ZSTD_ARGS = ["-3", "-T0"]
+CACHE_DIR = "cache"  # under build/<flavor>/release/: compressed disks and part digests, by content
 REPLACE_ENV = "COS_RELEASE_REPLACE"
 LIMIT_ENV = "COS_RELEASE_MAX_ASSET_BYTES"
 
@@ -111,7 +112,11 @@ def load_manifest(paths: FlavorPaths, version: str) -> dict:
     if not paths.manifest.is_file():
         raise ReleaseError(f"{paths.manifest} not found: nothing to release",
                            f"build first: doit build-{paths.flavor.name}")
-    data = manifest.read(paths.manifest)
+    try:
+        data = manifest.read(paths.manifest)
+    except ValueError as exc:
+        raise ReleaseError(f"{paths.manifest}: not valid JSON ({exc})",
+                           f"rebuild: doit build-{paths.flavor.name}") from None
     if data.get("version") != version:
         raise ReleaseError(f"{paths.manifest} was built as version {data.get('version')!r}, "
                            f"but this checkout is version {version!r}",
@@ -240,11 +245,12 @@ def prepare(flavor: Flavor, paths: FlavorPaths, version: str, limit: int | None 
         name = template.format(**fmt)
         if compress:
             name += ".zst"
-            path = out_dir / name
+            # named by content, not version: a new commit with the same disk reuses it
+            path = out_dir / CACHE_DIR / f"{src_sha[:32]}.zst"
             sha, size = zstd_compressed(src, src_sha, path)
         else:
             path, sha, size = src, src_sha, src.stat().st_size
-        assets = split(name, path, sha, size, limit, out_dir)
+        assets = split(name, path, sha, size, limit, out_dir / CACHE_DIR)
         if len(assets) > 1:
             plan.joined[name] = (sha, [a.name for a in assets])
         plan.assets += assets
@@ -267,7 +273,18 @@ def prepare(flavor: Flavor, paths: FlavorPaths, version: str, limit: int | None 
                            f"raise {LIMIT_ENV} (at most {MAX_ASSET_BYTES}) or shrink the artifacts")
     sums = out_dir / f"SHA256SUMS-{key}"
     plan.assets.append(small_asset(sums.name, write_if_changed(sums, sha256sums(plan)), derived=True))
+    prune_cache(out_dir / CACHE_DIR, plan)
     return plan
+
+
+def prune_cache(cache: Path, plan: Plan) -> None:
+    """Drop compressed disks and part digests of earlier builds: each is GBs / useless now."""
+    keep = {a.path.name for a in plan.assets} | {a.path.name + ".json" for a in plan.assets}
+    keep |= {f".parts-{sha[:16]}-" for sha, _ in plan.joined.values()}
+    for f in cache.glob("*"):
+        if f.name not in keep and not any(f.name.startswith(k) for k in keep if k.startswith(".parts-")):
+            log.info("removing stale release cache %s", f.name)
+            f.unlink(missing_ok=True)
 
 
 def sha256sums(plan: Plan) -> str:

@@ -167,7 +167,7 @@ def test_first_release_uploads_every_asset_and_sums_verify(gh, build, tmp_path):
 def test_second_run_uploads_nothing_and_does_not_recompress(gh, build):
     release(gh, build)
     first = gh.uploads_done()
-    zst = build / "release" / (RAW + ".zst")
+    zst = cached_zst(build, build / "disk" / RAW)
     mtime = zst.stat().st_mtime_ns
     body = gh.release(TAG).body
     out = release(gh, build)
@@ -188,6 +188,28 @@ def test_rerun_without_digest_field_uses_release_sha256sums(build):
         assert server.uploads_done() == first
     finally:
         server.stop()
+
+
+def cached_zst(build: Path, src: Path) -> Path:
+    return build / "release" / "cache" / f"{sha256(src.read_bytes())[:32]}.zst"
+
+
+def test_new_version_of_same_disk_reuses_compression_and_stale_cache_is_pruned(gh, build):
+    release(gh, build)
+    raw = build / "disk" / RAW
+    old_zst = cached_zst(build, raw)
+    mtime = old_zst.stat().st_mtime_ns
+    # same disk under a new version (e.g. the next commit): compressed once only
+    data = json.loads((build / "manifest.json").read_text())
+    (build / "manifest.json").write_text(json.dumps({**data, "version": "1.2.4"}))
+    release(gh, build, COS_VERSION="1.2.4")
+    assert old_zst.stat().st_mtime_ns == mtime
+    assert f"cOS-Vanilla-RAW-red-1.2.4-x86_64.raw.zst" in {a.name for a in gh.release("v1.2.4").assets.values()}
+    # a changed disk: the old multi-GB compressed copy is removed
+    write_sparse(raw, 16 * 1024 ** 2, {0: os.urandom(4096)})
+    write_manifest(build)
+    release(gh, build, "--replace")
+    assert not old_zst.exists() and cached_zst(build, raw).is_file()
 
 
 def change_iso(build: Path) -> bytes:
