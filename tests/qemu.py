@@ -46,6 +46,7 @@ class Drive:
     path: Path
     media: str = "disk"     # disk (virtio) | cdrom (AHCI CD-ROM) | usb (usb-storage)
     format: str = "raw"
+    snapshot: bool = True   # writes go to a temporary overlay, the artifact is never changed
 
 
 @dataclass
@@ -74,15 +75,16 @@ class VM:
         else:
             cmd += ["-bios", str(SEABIOS)]
         d = self.drive
+        snap = "on" if d.snapshot else "off"
         if d.media == "cdrom":
             cmd += ["-drive", f"if=none,id=boot0,file={d.path},format={d.format},media=cdrom,readonly=on",
                     "-device", "ide-cd,drive=boot0,bootindex=0"]
         elif d.media == "usb":
             cmd += ["-device", "qemu-xhci,id=xhci",
-                    "-drive", f"if=none,id=boot0,file={d.path},format={d.format},snapshot=on",
+                    "-drive", f"if=none,id=boot0,file={d.path},format={d.format},snapshot={snap}",
                     "-device", "usb-storage,bus=xhci.0,drive=boot0,removable=on,bootindex=0"]
         else:
-            cmd += ["-drive", f"if=none,id=boot0,file={d.path},format={d.format},snapshot=on",
+            cmd += ["-drive", f"if=none,id=boot0,file={d.path},format={d.format},snapshot={snap}",
                     "-device", "virtio-blk-pci,drive=boot0,bootindex=0"]
         return cmd
 

@@ -1,8 +1,9 @@
 """Every bootable artifact of red really boots, in QEMU under TCG (no KVM needed):
 the ISO under OVMF as a CD-ROM and as a USB disk and under SeaBIOS as a CD-ROM (both
 boot paths and the hybrid layout) comes up live; the raw disk under OVMF and SeaBIOS
-boots the recovery entry on first start with COS_GRUB/COS_OEM/COS_RECOVERY present;
-the qcow2 and the Azure VHD boot the same way; the GCE tar unpacks to the raw disk
+boots the recovery entry on first start with COS_GRUB/COS_OEM/COS_RECOVERY present,
+and a second boot falls back to recovery (grubenv consumed, no COS_STATE yet); the
+qcow2 and the Azure VHD boot the same way; the GCE tar unpacks to the raw disk
 padded to a whole GiB; the ISO and raw disk are byte-identical when rebuilt.
 Each boot logs in as root/cos on the serial console and prints its time to login."""
 from __future__ import annotations
@@ -90,6 +91,24 @@ def test_raw_disk_boots_recovery_first(red_build, build_dir, firmware, record_pr
         vm.poweroff()
     finally:
         vm.stop()
+
+
+@pytest.mark.boot
+def test_raw_disk_second_boot_falls_back_to_recovery(red_build, build_dir, tmp_path, record_property):
+    """The first boot clears next_entry in COS_OEM's grubenv; with no COS_STATE yet, the
+    second boot's default entry (cos) fails and GRUB falls back to recovery."""
+    disk_copy = tmp_path / "disk.raw"
+    subprocess.run(["cp", "--sparse=always", artifact(red_build, build_dir, "raw"), disk_copy], check=True)
+    for n in (1, 2):
+        vm = boot(Drive(disk_copy, snapshot=False), "uefi", f"raw-boot{n}", record_property)
+        try:
+            check_recovery(vm)
+            console = vm.text()
+            vm.poweroff()
+        finally:
+            vm.stop()
+        fell_back = "Falling back to" in console
+        assert fell_back == (n == 2), f"boot {n}: fallback {'expected' if n == 2 else 'unexpected'}"
 
 
 @pytest.mark.boot
