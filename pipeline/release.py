@@ -34,7 +34,7 @@ from .errors import PipelineError
 from .files import CHUNK, DIGESTS, atomic_path, hash_file, write_json_atomic
 from .github import ReleasesClient, Settings
 from .run import command_failed, require_tool
-from .version import _git, is_tagged_release, release_tag
+from .version import head_commit, is_tagged_release, release_tag
 
 log = logging.getLogger("cos.release")
 
@@ -456,7 +456,7 @@ def release(flavor: Flavor, paths: FlavorPaths, version: str, *, replace: bool =
     with ReleasesClient(settings) as gh:
         gh.release_by_tag(release_tag(version))  # token and repository work, before any compression
         plan = prepare(flavor, paths, version, limit)
-        result = publish(plan, gh, replace=replace, target=_git(paths.root, "rev-parse", "HEAD"))
+        result = publish(plan, gh, replace=replace, target=head_commit(paths.root))
     write_json_atomic(paths.state("release"), {**result, "assets": {a.name: a.sha256 for a in plan.assets}})
     return result
 

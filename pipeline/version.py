@@ -64,6 +64,10 @@ def resolve(config_version: str, root: Path) -> str:
     return f"{config_version}-g{sha[:8]}" if sha else config_version
 
 
+def head_commit(root: Path) -> str | None:
+    return _git(root, "rev-parse", "HEAD")
+
+
 def release_tag(version: str) -> str:
     return f"v{version}"
 

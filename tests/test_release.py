@@ -204,7 +204,7 @@ def test_new_version_of_same_disk_reuses_compression_and_stale_cache_is_pruned(g
     (build / "manifest.json").write_text(json.dumps({**data, "version": "1.2.4"}))
     release(gh, build, COS_VERSION="1.2.4")
     assert old_zst.stat().st_mtime_ns == mtime
-    assert f"cOS-Vanilla-RAW-red-1.2.4-x86_64.raw.zst" in {a.name for a in gh.release("v1.2.4").assets.values()}
+    assert "cOS-Vanilla-RAW-red-1.2.4-x86_64.raw.zst" in {a.name for a in gh.release("v1.2.4").assets.values()}
     # a changed disk: the old multi-GB compressed copy is removed
     write_sparse(raw, 16 * 1024 ** 2, {0: os.urandom(4096)})
     write_manifest(build)
