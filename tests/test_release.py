@@ -381,3 +381,16 @@ def test_release_of_the_real_red_build(red_build, red_paths, gh, tmp_path):
     before = gh.uploads_done()
     run_doit("release-red", env=env)
     assert gh.uploads_done() == before
+
+
+def test_asset_listing_follows_pagination(build):
+    """With 3 assets per page the client must follow Link: rel=next to see them all."""
+    server = GitHubAPIServer(per_page_max=3).start()
+    try:
+        release(server, build)
+        first = server.uploads_done()
+        release(server, build)
+        assert server.uploads_done() == first
+        assert sum(1 for m, p, s in server.log if m == "GET" and "page=" in p and "page=1" not in p) >= 3
+    finally:
+        server.stop()
