@@ -101,8 +101,13 @@ def build(context: Path, tag: str, buildargs: dict[str, str], dockerfile: str = 
     log.info("docker build %s -t %s", context, tag)
     stream = api().build(path=str(context), dockerfile=dockerfile, tag=tag, buildargs=buildargs,
                          network_mode=network_mode, labels=labels or {}, rm=True,
-                         forcerm=True, decode=True)
+                         forcerm=True, decode=True, nocache=no_cache())
     return _follow_build(stream, tag)
+
+
+def no_cache() -> bool:
+    """$COS_DOCKER_NO_CACHE=1 builds OS images without docker's layer cache (cold builds)."""
+    return os.environ.get("COS_DOCKER_NO_CACHE") == "1"
 
 
 def build_from_tar(fileobj, tag: str, labels: dict[str, str] | None = None) -> str:
