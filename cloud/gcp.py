@@ -27,7 +27,7 @@ from .targets import GcpTarget
 log = logging.getLogger("cos.cloud.gcp")
 
 COMPUTE_ENDPOINT_ENV = "COS_GCP_COMPUTE_ENDPOINT"
-UPLOAD_CHUNK = 16 * 1024 * 1024   # resumable upload chunk (multiple of 256 KiB)
+UPLOAD_CHUNK = 64 * 1024 * 1024   # resumable upload chunk (multiple of 256 KiB)
 META_SHA = "cos-sha256"           # object metadata, set with the upload's final request
 ARCH = {"x86_64": "X86_64", "arm64": "ARM64"}
 # insert/deprecate carry a requestId, so retrying them is safe too.

@@ -144,7 +144,7 @@ def test_s3_import_failure_surfaces_status_message_and_cleans_up(aws, build_dir)
 
 def test_throttling_and_5xx_are_retried(aws, build_dir):
     is_put = lambda r: r.method == "PUT" and "/blocks/" in r.path  # noqa: E731
-    faults = [aws.proxy.inject(is_put, 6, JSON_THROTTLE),
+    faults = [aws.proxy.inject(is_put, 3, JSON_THROTTLE),
               aws.proxy.inject(is_put, 2, SERVER_ERROR),
               aws.proxy.inject(lambda r: "/snapshots/completion/" in r.path, 1, SERVER_ERROR),
               aws.proxy.inject(lambda r: r.action == "RegisterImage", 2, EC2_THROTTLE),
@@ -260,3 +260,34 @@ def test_tasks_only_for_configured_clouds(aws, build_dir):
     publish.publish_cloud(flavor, paths, "0.1.0", "aws")
     assert uptodate() is True
     assert [t.get("name") for t in publish.tasks(FlavorContext(make_flavor({}, name="none"), paths, "0.1.0"))] == [None]
+
+
+def run_dodo(*args, env):
+    dodo = os.path.join(REPO, "tests", "servers", "publish_dodo.py")
+    return subprocess.run([sys.executable, "-m", "doit", "-f", dodo, "--dir", REPO, *args],
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+
+
+def test_doit_publish_task_then_up_to_date(aws, build_dir):
+    clouds = {"aws": {"regions": ["us-east-1"], "workers": 4}}
+    flavor = make_flavor(clouds, name="doitpub")
+    paths = flavor_paths(flavor)
+    env = {"COS_TEST_FLAVOR": "doitpub", "COS_TEST_CLOUDS": json.dumps(clouds)}
+
+    plan = run_dodo("publish-doitpub", env={**env, "COS_PUBLISH_DRY_RUN": "1"})
+    assert plan.returncode == 0, plan.stderr
+    assert "aws plan: upload disk.raw" in plan.stderr and aws.actions("RegisterImage") == []
+
+    first = run_dodo("publish-doitpub", env=env)
+    assert first.returncode == 0, first.stderr
+    assert ".  publish-doitpub:aws" in first.stdout
+    assert "MB/s" in first.stderr  # upload progress with throughput
+    assert len(aws.actions("RegisterImage")) == 1
+
+    before = len(aws.proxy.requests)
+    second = run_dodo("publish-doitpub", env=env)
+    assert "-- publish-doitpub:aws" in second.stdout  # up to date: no cloud call at all
+    assert len(aws.proxy.requests) == before
+
+    gc = run_dodo("cloud-gc", env=env)
+    assert gc.returncode == 0 and "dry run, 0 image(s)" in gc.stderr
