@@ -116,6 +116,8 @@ class DigestCache:
             if not self._dirty or self._path is None:
                 return
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            # forget files that are gone (old versions' artifacts), so the cache stays small
+            self._data = {p: v for p, v in self._data.items() if os.path.exists(p)}
             write_json_atomic(self._path, self._data)
             self._dirty = False
 
