@@ -26,7 +26,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cloud.base import ImageSpec  # noqa: E402
 from cloud.disk import allocated_bytes  # noqa: E402
 from pipeline import log  # noqa: E402
 from pipeline.config import FlavorPaths  # noqa: E402

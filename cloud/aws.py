@@ -112,6 +112,8 @@ class AwsUploader(Uploader):
         if image:
             self.image_id = image["ImageId"]
             self.images[self.region] = self.image_id
+            if image["State"] == "pending" and not self.dry_run:  # an earlier run stopped after RegisterImage
+                self._wait_available(self.region, self.image_id)
             mappings = image.get("BlockDeviceMappings") or []
             self.snapshot_id = next((m["Ebs"]["SnapshotId"] for m in mappings if m.get("Ebs", {}).get("SnapshotId")), None)
         return image is not None

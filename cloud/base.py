@@ -52,7 +52,8 @@ class ImageSpec:
     @property
     def name(self) -> str:
         """Image name: flavor, version, arch and content; same content -> same name."""
-        return safe_name(f"cos-{self.flavor}-{self.version}-{self.arch}-{self.disk_sha256[:12]}")
+        prefix = safe_name(f"cos-{self.flavor}-{self.version}-{self.arch}")[:50].rstrip("-")
+        return f"{prefix}-{self.disk_sha256[:12]}"  # <= 63 characters, the digest always kept
 
     @property
     def tags(self) -> dict[str, str]:
@@ -207,7 +208,7 @@ def require_file(path: Path, cloud: str, kind: str) -> int:
         size = Path(path).stat().st_size
     except FileNotFoundError:
         raise PublishError(f"{cloud}: artifact {kind} not found: {path}",
-                           f"build it first (doit build-<flavor>), then publish") from None
+                           "build it first (doit build-<flavor>), then publish") from None
     if size == 0:
         raise PublishError(f"{cloud}: artifact {kind} is empty: {path}")
     return size

@@ -159,8 +159,21 @@ class GcpUploader(Uploader):
             self._wait(self.gcall("delete failed image", self.images.delete_unary, project=self.target.project,
                                   image=self.spec.name, retry=RETRY), f"deletion of {self.spec.name}")
             image = None
+        if image is not None and _state(image.status) == "PENDING" and not self.dry_run:
+            # an earlier run stopped while GCE was still creating it: wait for the outcome
+            image = wait_until(lambda: self._settled(self.spec.name), f"image {self.spec.name}",
+                               self.target.wait_minutes * 60, interval_s=10)
+            if _state(image.status) != "READY":
+                raise PublishError(f"gcp: image {self.spec.name} ended {_state(image.status)}",
+                                   "delete it (or run again: a FAILED image is replaced)")
         self.image = image
         return image is not None
+
+    def _settled(self, name: str):
+        image = self._get_image(name)
+        if image is None:
+            raise PublishError(f"gcp: image {name} disappeared while it was being created", "run the publish again")
+        return image if _state(image.status) != "PENDING" else None
 
     def _object(self):
         blob = self.bucket.blob(self.object_name)

@@ -16,8 +16,8 @@ import pytest
 
 from cloud.errors import PublishError
 from pipeline import publish
-from tests.servers.disks import MIB, nonzero_ranges
-from tests.servers.fixtures import aws, build_dir, flavor_paths, make_flavor, moto_server, server_logs  # noqa: F401
+from tests.servers.disks import nonzero_ranges
+from tests.servers.fixtures import aws, cloud_build_dir, flavor_paths, make_flavor, moto_server, server_logs  # noqa: F401
 from tests.servers.proxy import EC2_THROTTLE, JSON_THROTTLE, SERVER_ERROR, Reply
 
 BLOCK = 512 * 1024
@@ -49,7 +49,7 @@ def images_named(moto, region, name):
     return moto.client("ec2", region).describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])["Images"]
 
 
-def test_ebs_direct_publish_registers_uefi_image_and_copies(aws, build_dir):
+def test_ebs_direct_publish_registers_uefi_image_and_copies(aws, cloud_build_dir):
     flavor = aws_flavor()
     paths = flavor_paths(flavor)
     result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
@@ -105,7 +105,7 @@ def test_ebs_direct_publish_registers_uefi_image_and_copies(aws, build_dir):
         assert len(images_named(aws.moto, region, result["name"])) == 1
 
 
-def test_arm64_public_and_shared(aws, build_dir):
+def test_arm64_public_and_shared(aws, cloud_build_dir):
     flavor = aws_flavor(name="armtest", arch="arm64", regions=["us-west-2"], public=True,
                         share_with_accounts=["111122223333"], tpm=False)
     paths = flavor_paths(flavor)
@@ -117,7 +117,7 @@ def test_arm64_public_and_shared(aws, build_dir):
     assert {"Group": "all"} in perms and {"UserId": "111122223333"} in perms
 
 
-def test_s3_import_fallback(aws, build_dir):
+def test_s3_import_fallback(aws, cloud_build_dir):
     aws.moto.client("s3").create_bucket(Bucket="cos-staging")
     flavor = aws_flavor(name="importtest", regions=["us-east-1"], upload="s3-import", bucket="cos-staging")
     paths = flavor_paths(flavor)
@@ -132,7 +132,7 @@ def test_s3_import_fallback(aws, build_dir):
     assert aws.moto.client("s3").list_objects_v2(Bucket="cos-staging").get("KeyCount") == 0
 
 
-def test_s3_import_failure_surfaces_status_message_and_cleans_up(aws, build_dir):
+def test_s3_import_failure_surfaces_status_message_and_cleans_up(aws, cloud_build_dir):
     aws.moto.client("s3").create_bucket(Bucket="cos-staging")
     flavor = aws_flavor(name="corrupt", regions=["us-east-1"], upload="s3-import", bucket="cos-staging")
     paths = flavor_paths(flavor)
@@ -142,7 +142,7 @@ def test_s3_import_failure_surfaces_status_message_and_cleans_up(aws, build_dir)
     assert aws.actions("RegisterImage") == []
 
 
-def test_throttling_and_5xx_are_retried(aws, build_dir):
+def test_throttling_and_5xx_are_retried(aws, cloud_build_dir):
     is_put = lambda r: r.method == "PUT" and "/blocks/" in r.path  # noqa: E731
     faults = [aws.proxy.inject(is_put, 3, JSON_THROTTLE),
               aws.proxy.inject(is_put, 2, SERVER_ERROR),
@@ -160,7 +160,7 @@ def test_throttling_and_5xx_are_retried(aws, build_dir):
         assert len(images_named(aws.moto, region, result["name"])) == 1
 
 
-def test_failed_upload_removes_its_snapshot(aws, build_dir):
+def test_failed_upload_removes_its_snapshot(aws, cloud_build_dir):
     aws.proxy.inject(lambda r: "/snapshots/completion/" in r.path, 1000,
                      Reply(400, b'{"message": "checksum mismatch (injected)"}',
                            {"Content-Type": "application/json", "x-amzn-ErrorType": "ValidationException"}))
@@ -175,7 +175,7 @@ def test_failed_upload_removes_its_snapshot(aws, build_dir):
     assert not (paths.build / "cloud-images.json").exists()
 
 
-def test_dry_run_changes_nothing(aws, build_dir, monkeypatch):
+def test_dry_run_changes_nothing(aws, cloud_build_dir, monkeypatch):
     monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
     flavor = aws_flavor(name="plan")
     paths = flavor_paths(flavor)
@@ -199,7 +199,7 @@ publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", "aws")
 
 
 @pytest.mark.slow
-def test_killed_publish_then_rerun_gives_one_image(aws, build_dir):
+def test_killed_publish_then_rerun_gives_one_image(aws, cloud_build_dir):
     clouds = {"aws": {"regions": ["us-east-1", "eu-west-1"], "workers": 2}}
     flavor = make_flavor(clouds, name="killed")
     paths = flavor_paths(flavor)
@@ -227,7 +227,7 @@ def test_killed_publish_then_rerun_gives_one_image(aws, build_dir):
     assert [s["SnapshotId"] for s in snaps] == [result["snapshot"]]
 
 
-def test_gc_keeps_newest_and_is_dry_run_by_default(aws, build_dir):
+def test_gc_keeps_newest_and_is_dry_run_by_default(aws, cloud_build_dir):
     flavor = aws_flavor(name="gctest", regions=["us-east-1"])
     names = []
     for seed in (1, 2, 3):
@@ -247,7 +247,7 @@ def test_gc_keeps_newest_and_is_dry_run_by_default(aws, build_dir):
     assert len(left) == 1
 
 
-def test_tasks_only_for_configured_clouds(aws, build_dir):
+def test_tasks_only_for_configured_clouds(aws, cloud_build_dir):
     from pipeline.graph import FlavorContext
     flavor = aws_flavor(name="tasks")
     paths = flavor_paths(flavor)
@@ -268,10 +268,9 @@ def run_dodo(*args, env):
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
 
 
-def test_doit_publish_task_then_up_to_date(aws, build_dir):
+def test_doit_publish_task_then_up_to_date(aws, cloud_build_dir):
     clouds = {"aws": {"regions": ["us-east-1"], "workers": 4}}
-    flavor = make_flavor(clouds, name="doitpub")
-    paths = flavor_paths(flavor)
+    flavor_paths(make_flavor(clouds, name="doitpub"))
     env = {"COS_TEST_FLAVOR": "doitpub", "COS_TEST_CLOUDS": json.dumps(clouds)}
 
     plan = run_dodo("publish-doitpub", env={**env, "COS_PUBLISH_DRY_RUN": "1"})

@@ -18,7 +18,7 @@ import pytest
 from cloud.errors import PublishError
 from pipeline import publish
 from tests.servers.disks import nonzero_ranges
-from tests.servers.fixtures import (arm_server, azure, azurite_server, build_dir, flavor_paths,  # noqa: F401
+from tests.servers.fixtures import (arm_server, azure, azurite_server, cloud_build_dir, flavor_paths,  # noqa: F401
                                     make_flavor, server_logs)
 from tests.servers.proxy import UNAVAILABLE
 
@@ -41,7 +41,7 @@ def page_put_requests(azure):
     return azure.proxy.seen(lambda r: r.method == "PUT" and "comp=page" in r.path)
 
 
-def test_publish_page_blob_image_and_gallery_version(azure, build_dir):
+def test_publish_page_blob_image_and_gallery_version(azure, cloud_build_dir):
     flavor = make_flavor({"azure": gallery_target(azure)}, name="aztest")
     paths = flavor_paths(flavor)
     vhd = paths.build / "disk.vhd"
@@ -77,7 +77,7 @@ def test_publish_page_blob_image_and_gallery_version(azure, build_dir):
     assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1
 
 
-def test_throttling_and_5xx_are_retried(azure, build_dir):
+def test_throttling_and_5xx_are_retried(azure, cloud_build_dir):
     faults = [azure.arm.fail("PUT", r"/images/cos-", 2, 429), azure.arm.fail("GET", r"/images/cos-", 1, 503),
               azure.arm.fail("PUT", r"/versions/", 1, 503)]
     page_fault = azure.proxy.inject(lambda r: r.method == "PUT" and "comp=page" in r.path, 3, UNAVAILABLE)
@@ -103,7 +103,7 @@ publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", "azure")
 
 
 @pytest.mark.slow
-def test_killed_upload_then_rerun_gives_one_image(azure, build_dir):
+def test_killed_upload_then_rerun_gives_one_image(azure, cloud_build_dir):
     clouds = {"azure": azure_target(workers=1)}
     flavor = make_flavor(clouds, name="azkilled")
     paths = flavor_paths(flavor)
@@ -126,7 +126,7 @@ def test_killed_upload_then_rerun_gives_one_image(azure, build_dir):
     assert blob.download_blob().readall() == (paths.build / "disk.vhd").read_bytes()
 
 
-def test_not_a_fixed_vhd_is_refused_before_upload(azure, build_dir):
+def test_not_a_fixed_vhd_is_refused_before_upload(azure, cloud_build_dir):
     flavor = make_flavor({"azure": azure_target()}, name="azbad")
     paths = flavor_paths(flavor)
     data = json.loads(paths.manifest.read_text())
@@ -139,7 +139,7 @@ def test_not_a_fixed_vhd_is_refused_before_upload(azure, build_dir):
     assert page_put_requests(azure) == [] and azure.arm.puts("") == []
 
 
-def test_gallery_architecture_mismatch_is_refused(azure, build_dir):
+def test_gallery_architecture_mismatch_is_refused(azure, cloud_build_dir):
     flavor = make_flavor({"azure": gallery_target(azure)}, name="azarm", arch="arm64")
     paths = flavor_paths(flavor)
     with pytest.raises(PublishError, match="V2/Arm64"):
@@ -147,7 +147,7 @@ def test_gallery_architecture_mismatch_is_refused(azure, build_dir):
     assert page_put_requests(azure) == []
 
 
-def test_gc_deletes_old_images_and_blobs(azure, build_dir):
+def test_gc_deletes_old_images_and_blobs(azure, cloud_build_dir):
     from pipeline.graph import FlavorContext
     flavor = make_flavor({"azure": azure_target()}, name="azgc")
     names = []

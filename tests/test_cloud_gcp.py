@@ -16,7 +16,7 @@ import pytest
 
 from cloud.errors import PublishError
 from pipeline import publish
-from tests.servers.fixtures import build_dir, flavor_paths, gcp, gcp_servers, make_flavor, server_logs  # noqa: F401
+from tests.servers.fixtures import cloud_build_dir, flavor_paths, gcp, gcp_servers, make_flavor, server_logs  # noqa: F401
 from tests.servers.proxy import UNAVAILABLE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def gcp_target(**extra):
     return {"project": "cos-project", "bucket": "cos-images", "family": "cos-red", **extra}
 
 
-def test_publish_uploads_inserts_and_deprecates_previous(gcp, build_dir):
+def test_publish_uploads_inserts_and_deprecates_previous(gcp, cloud_build_dir):
     flavor = make_flavor({"gcp": gcp_target(labels={"team": "os"})}, name="gctest")
     first = publish.publish_cloud(flavor, flavor_paths(flavor, seed=1), "0.1.0", "gcp")
     paths = flavor_paths(flavor, seed=2)
@@ -61,13 +61,13 @@ def test_publish_uploads_inserts_and_deprecates_previous(gcp, build_dir):
     assert len(gcp.proxy.seen(lambda r: r.method in ("POST", "PUT"))) == sent
 
 
-def test_arm64_architecture(gcp, build_dir):
+def test_arm64_architecture(gcp, cloud_build_dir):
     flavor = make_flavor({"gcp": gcp_target(family=None)}, name="gcarm", arch="arm64")
     publish.publish_cloud(flavor, flavor_paths(flavor), "0.1.0", "gcp")
     assert gcp.gce.inserts()[0]["architecture"] == "ARM64"
 
 
-def test_throttling_and_5xx_are_retried(gcp, build_dir):
+def test_throttling_and_5xx_are_retried(gcp, cloud_build_dir):
     faults = [gcp.gce.fail("POST", r"/global/images$", 2, 503), gcp.gce.fail("GET", r"/images/cos-", 1, 429),
               gcp.gce.fail("POST", r"/wait$", 1, 500)]
     upload_fault = gcp.proxy.inject(lambda r: r.method == "PUT" and "upload_id" in r.path, 2, UNAVAILABLE)
@@ -80,7 +80,7 @@ def test_throttling_and_5xx_are_retried(gcp, build_dir):
     assert blob.download_as_bytes() == (paths.build / "disk.tar.gz").read_bytes()
 
 
-def test_failed_insert_surfaces_error_and_removes_object(gcp, build_dir):
+def test_failed_insert_surfaces_error_and_removes_object(gcp, cloud_build_dir):
     # images.insert is refused (400, not retried): the error names the call, the fresh object is removed
     flavor = make_flavor({"gcp": gcp_target()}, name="gcfail")
     paths = flavor_paths(flavor)
@@ -107,7 +107,7 @@ publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", "gcp")
 
 
 @pytest.mark.slow
-def test_killed_upload_then_rerun_gives_one_image(gcp, build_dir):
+def test_killed_upload_then_rerun_gives_one_image(gcp, cloud_build_dir):
     clouds = {"gcp": gcp_target()}
     flavor = make_flavor(clouds, name="gckilled")
     paths = flavor_paths(flavor)
@@ -130,7 +130,7 @@ def test_killed_upload_then_rerun_gives_one_image(gcp, build_dir):
     assert blob.download_as_bytes() == (paths.build / "disk.tar.gz").read_bytes()
 
 
-def test_dry_run_touches_nothing(gcp, build_dir, monkeypatch):
+def test_dry_run_touches_nothing(gcp, cloud_build_dir, monkeypatch):
     monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
     flavor = make_flavor({"gcp": gcp_target()}, name="gcplan")
     result = publish.publish_cloud(flavor, flavor_paths(flavor), "0.1.0", "gcp")
@@ -139,7 +139,7 @@ def test_dry_run_touches_nothing(gcp, build_dir, monkeypatch):
     assert [r for r in gcp.proxy.requests if r.method != "GET"] == []
 
 
-def test_gc_deletes_old_images_and_objects(gcp, build_dir):
+def test_gc_deletes_old_images_and_objects(gcp, cloud_build_dir):
     from pipeline.graph import FlavorContext
     flavor = make_flavor({"gcp": gcp_target(family=None)}, name="gcgc")
     names = []

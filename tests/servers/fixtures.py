@@ -171,7 +171,8 @@ def gcp(gcp_servers, monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def build_dir(tmp_path, monkeypatch) -> Path:
+def cloud_build_dir(tmp_path, monkeypatch) -> Path:
+    """$COS_BUILD_DIR in tmp: flavor_paths() puts synthetic artifacts under it."""
     monkeypatch.setenv("COS_BUILD_DIR", str(tmp_path / "build"))
     return tmp_path / "build"
 
@@ -188,5 +189,5 @@ def flavor_paths(flavor: Flavor, seed: int = 1) -> FlavorPaths:
     return paths
 
 
-__all__ = ["server_logs", "moto_server", "aws", "azurite_server", "arm_server", "azure", "gcp_servers", "gcp", "build_dir",
+__all__ = ["server_logs", "moto_server", "aws", "azurite_server", "arm_server", "azure", "gcp_servers", "gcp", "cloud_build_dir",
            "make_flavor", "flavor_paths", "os"]

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
-from .util import free_port, need_tool, start, stop
+from .util import need_tool, start, stop
 
 TOKEN = "local-gce-token-" + uuid.uuid4().hex
 BASE = r"/compute/v1/projects/(?P<project>[^/]+)/global"
