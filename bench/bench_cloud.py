@@ -88,6 +88,24 @@ def publish(cloud: str, flavor, paths) -> dict:
     return pub.publish_cloud(flavor, paths, "0.1.0", cloud)
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds used so far by a server process and its children that exited."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def measured(cloud: str, flavor, paths, server_pid: int) -> tuple[dict, float, float]:
+    """publish, with the client's and the server's CPU seconds (2 cores are shared)."""
+    c0, s0 = own_cpu(), proc_cpu(server_pid)
+    res = publish(cloud, flavor, paths)
+    return res, own_cpu() - c0, proc_cpu(server_pid) - s0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=2048)
@@ -137,22 +155,23 @@ def main() -> int:
         read = read_speed(raw, cold=False)
         rows = []
 
-        def row(path, art, res):
+        def row(path, art, measurement):
+            res, client_cpu, server_cpu = measurement
             up = res.get("upload") or {}
             mbs = up.get("mb_per_s", 0.0)
             rows.append((path, mbs, mbs / cold, up.get("bytes_sent", 0), art.stat().st_size, allocated_bytes(art),
-                         res.get("seconds", 0.0)))
+                         res.get("seconds", 0.0), client_cpu, server_cpu))
 
-        row("aws ebs-direct", raw, publish("aws", flavor, paths))
+        row("aws ebs-direct", raw, measured("aws", flavor, paths, moto.proc.pid))
         s3_flavor = make_flavor({"aws": {**clouds["aws"], "upload": "s3-import", "bucket": "bench-staging"}},
                                 name="benchs3")
         s3_paths = FlavorPaths(s3_flavor)
         s3_paths.build.mkdir(parents=True, exist_ok=True)
         for name in ("disk.raw", "manifest.json"):
             os.link(paths.build / name, s3_paths.build / name)
-        row("aws s3 multipart (+import)", raw, publish("aws", s3_flavor, s3_paths))
-        row("azure page blob", vhd, publish("azure", flavor, paths))
-        row("gcp gcs resumable", tar, publish("gcp", flavor, paths))
+        row("aws s3 multipart (+import)", raw, measured("aws", s3_flavor, s3_paths, moto.proc.pid))
+        row("azure page blob", vhd, measured("azure", flavor, paths, azurite.proc.pid))
+        row("gcp gcs resumable", tar, measured("gcp", flavor, paths, gcs.proc.pid))
 
         # no-change re-run through doit (tasks up to date) and a forced re-publish (describes only)
         dodo = REPO / "tests/servers/publish_dodo.py"
@@ -172,9 +191,13 @@ def main() -> int:
         print(f"\ndisk: {raw.stat().st_size / MB:.0f} MB nominal, {allocated_bytes(raw) / MB:.0f} MB allocated; "
               f"plain sequential read of the data: {cold:.0f} MB/s cold, {read:.0f} MB/s from page cache\n"
               "(x read = upload MB/s / cold read MB/s)\n")
-        print(f"{'path':30} {'MB/s':>8} {'x read':>7} {'sent MB':>9} {'nominal MB':>11} {'alloc MB':>9} {'publish s':>10}")
-        for p, mbs, ratio, sent, nominal, alloc, secs in rows:
-            print(f"{p:30} {mbs:8.1f} {ratio:7.2f} {sent / MB:9.1f} {nominal / MB:11.1f} {alloc / MB:9.1f} {secs:10.1f}")
+        print(f"{'path':28} {'MB/s':>7} {'x read':>7} {'sent MB':>8} {'nominal MB':>11} {'alloc MB':>9} "
+              f"{'publish s':>10} {'client cpu s':>13} {'server cpu s':>13}")
+        for p, mbs, ratio, sent, nominal, alloc, secs, ccpu, scpu in rows:
+            print(f"{p:28} {mbs:7.1f} {ratio:7.2f} {sent / MB:8.1f} {nominal / MB:11.1f} {alloc / MB:9.1f} "
+                  f"{secs:10.1f} {ccpu:13.1f} {scpu:13.1f}")
+        print("(client cpu includes the in-process ImportSnapshot responder/ARM/Compute servers; "
+              "server cpu is moto, Azurite or fake-gcs-server)")
         print(f"\nno-change `doit publish-bench` (aws+azure+gcp): {doit_s:.2f} s, tasks run: {ran or 'none'}")
         print("forced re-publish (describe/get only, nothing uploaded): "
               + ", ".join(f"{c} {s:.2f} s" for c, s in forced.items()))
