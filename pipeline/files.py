@@ -68,7 +68,14 @@ def hold_build_lock(build: Path) -> None:
 
 
 class DigestCache:
-    """sha256 of files, remembered across runs in one small JSON file."""
+    """Digests of files by algorithm, remembered across runs in one small JSON file.
+
+    sha256 is what the manifest and releases publish; "fast" (xxh3-128 over the file's
+    data extents) is what doit's checker compares: after a `touch` of multi-GB sparse
+    disks a no-op run re-reads only their allocated bytes, at memory speed.
+    """
+
+    ALGORITHMS = ("sha256", "fast")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -91,24 +98,34 @@ class DigestCache:
     def _key(st: os.stat_result) -> list:
         return [st.st_size, st.st_mtime_ns, st.st_ino]
 
-    def sha256(self, path: Path | str) -> str:
+    def _get(self, path: Path | str, algo: str) -> str:
         path = os.path.abspath(path)
         with self._lock:
             self._load()
             st = os.stat(path)
             hit = self._data.get(path)
-            if hit and hit[:3] == self._key(st):
-                return hit[3]
-        digest = hash_file(path)
-        self.remember(path, digest, st)
+            if hit and hit[:3] == self._key(st) and isinstance(hit[3], dict) and algo in hit[3]:
+                return hit[3][algo]
+        digest = (hash_file if algo == "sha256" else fast_digest)(path)
+        self.remember(path, digest, st, algo)
         return digest
 
-    def remember(self, path: Path | str, digest: str, st: os.stat_result | None = None) -> None:
+    def sha256(self, path: Path | str) -> str:
+        return self._get(path, "sha256")
+
+    def fast(self, path: Path | str) -> str:
+        return self._get(path, "fast")
+
+    def remember(self, path: Path | str, digest: str, st: os.stat_result | None = None,
+                 algo: str = "sha256") -> None:
         """Record a digest the producer already computed (saves a second read)."""
         path = os.path.abspath(path)
         with self._lock:
             self._load()
-            self._data[path] = self._key(st or os.stat(path)) + [digest]
+            key = self._key(st or os.stat(path))
+            hit = self._data.get(path)
+            known = hit[3] if hit and hit[:3] == key and isinstance(hit[3], dict) else {}
+            self._data[path] = key + [{**known, algo: digest}]
             self._dirty = True
 
     def save(self) -> None:
@@ -133,6 +150,39 @@ def hash_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the allocated data of a file; holes are skipped."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        pos = end
+
+
+def fast_digest(path: Path | str) -> str:
+    """xxh3-128 of the data extents and their offsets: a change detector, not a
+    published checksum. The same bytes stored with other holes hash differently,
+    which can only cause a needless re-run, never a missed one."""
+    import xxhash
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        for start, length in data_extents(fd, os.fstat(fd).st_size):
+            h.update(f"@{start}+{length};".encode())
+            f.seek(start)
+            while length > 0:
+                chunk = f.read(min(CHUNK, length))
+                if not chunk:
+                    break
+                h.update(chunk)
+                length -= len(chunk)
+    return "xxh3:" + h.hexdigest()
+
+
 def file_entry(kind: str, path: Path, base: Path) -> dict:
     """A manifest artifact entry; the digest is cached for doit's checker too."""
     return {"kind": kind, "path": str(Path(path).relative_to(base)),
@@ -140,7 +190,7 @@ def file_entry(kind: str, path: Path, base: Path) -> dict:
 
 
 class DigestChecker(FileChangedChecker):
-    """doit file_dep checker: same mtime -> unchanged; else compare cached sha256."""
+    """doit file_dep checker: same mtime -> unchanged; else compare the cached fast digest."""
 
     def check_modified(self, file_path, file_stat, state):
         mtime, size, digest = state
@@ -148,10 +198,10 @@ class DigestChecker(FileChangedChecker):
             return False
         if file_stat.st_size != size:
             return True
-        return DIGESTS.sha256(file_path) != digest
+        return DIGESTS.fast(file_path) != digest
 
     def get_state(self, dep, current_state):
         st = os.stat(dep)
         if current_state and current_state[0] == st.st_mtime:
             return None
-        return (st.st_mtime, st.st_size, DIGESTS.sha256(dep))
+        return (st.st_mtime, st.st_size, DIGESTS.fast(dep))
