@@ -14,8 +14,10 @@ import re
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlencode
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -127,7 +129,9 @@ class AwsUploader(Uploader):
             steps = [f"reuse {self.image_id} ({self.spec.name}) in {self.region}"]
         else:
             data = sum(e - s for s, e in self._extents())
-            steps = [f"upload {self.spec.disk.name} ({data / 1e6:.1f} MB of data, {self.size / 1e6:.1f} MB nominal) "
+            done = self._uploaded_snapshot()
+            steps = [f"reuse uploaded snapshot {done}" if done else
+                     f"upload {self.spec.disk.name} ({data / 1e6:.1f} MB of data, {self.size / 1e6:.1f} MB nominal) "
                      f"via {self.target.upload} to a new snapshot in {self.region}",
                      f"register {self.spec.name} (uefi, {self.spec.arch}, ena, imds {'v2.0' if self.target.imds_v2 else 'v1'}"
                      f"{', tpm v2.0' if self.target.tpm else ''}) in {self.region}"]
@@ -148,19 +152,26 @@ class AwsUploader(Uploader):
             os.close(fd)
 
     # -- upload ------------------------------------------------------------------------
-    def upload(self) -> None:
+    def _uploaded_snapshot(self) -> str | None:
+        """A complete snapshot of this disk from an earlier run that stopped before RegisterImage."""
         for snap in self._our_snapshots():
             tags = {t["Key"]: t["Value"] for t in snap.get("Tags", [])}
             if snap["State"] == "completed" and tags.get(TAG_UPLOADED) == self.spec.disk_sha256[:16]:
-                self.snapshot_id = snap["SnapshotId"]
-                log.info("aws: snapshot %s of %s exists; reusing it", self.snapshot_id, self.spec.name)
-                return
-            # a killed earlier run's pending/error snapshot: remove it (it can never complete)
+                return snap["SnapshotId"]
+        return None
+
+    def upload(self) -> None:
+        self.snapshot_id = self._uploaded_snapshot()
+        if self.snapshot_id:
+            log.info("aws: snapshot %s of %s exists; reusing it", self.snapshot_id, self.spec.name)
+            return
+        for snap in self._our_snapshots():
+            # a killed earlier run's unfinished snapshot: remove it (it can never complete)
             log.info("aws: removing unfinished snapshot %s (%s) of an earlier run", snap["SnapshotId"], snap["State"])
             try:
                 self.client("ec2").delete_snapshot(SnapshotId=snap["SnapshotId"])
             except ClientError as exc:
-                log.warning("aws: could not delete %s (cloud-gc will): %s", snap["SnapshotId"], exc)
+                log.warning("aws: could not delete %s (cloud-gc removes it after a day): %s", snap["SnapshotId"], exc)
         if self.target.upload == "ebs-direct":
             self._upload_ebs_direct()
         else:
@@ -259,7 +270,7 @@ class AwsUploader(Uploader):
             self.client("s3").upload_file(
                 str(self.spec.disk), bucket, self.s3_key, Callback=self.progress.add,
                 Config=TransferConfig(multipart_chunksize=64 * 1024 * 1024, max_concurrency=self.target.workers),
-                ExtraArgs={"Tagging": "&".join(f"{k}={v}" for k, v in sorted(self.tags.items()))})
+                ExtraArgs={"Tagging": urlencode(sorted(self.tags.items()))})
         except (ClientError, BotoCoreError, boto3.exceptions.S3UploadFailedError) as exc:
             raise _aws_error(exc, f"upload to s3://{bucket}/{self.s3_key}") from exc
         self.progress.done()
@@ -381,6 +392,7 @@ class AwsUploader(Uploader):
             images = [i for i in self.call("ec2", "describe_images", region, Owners=["self"],
                                            Filters=[{"Name": "name", "Values": [f"cos-{self.spec.flavor}-*"]}])["Images"]
                       if self._is_ours(i)]
+            items += self._orphan_snapshots(region, {i["Name"] for i in images})
             for image in select_for_gc([(i.get("CreationDate", ""), i) for i in images], keep, max_age_days):
                 snaps = [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings") or []
                          if m.get("Ebs", {}).get("SnapshotId")]
@@ -397,7 +409,24 @@ class AwsUploader(Uploader):
             return tags[TAG_FLAVOR] == self.spec.flavor
         return re.match(rf"cos-{re.escape(self.spec.flavor)}-[0-9]", image.get("Name", "")) is not None
 
+    def _orphan_snapshots(self, region: str, image_names: set[str]) -> list[GcItem]:
+        """Snapshots of this flavor left by stopped/failed runs: no image of that name,
+        and older than a day (so a publish running right now is not disturbed)."""
+        snaps = self.call("ec2", "describe_snapshots", region, OwnerIds=["self"],
+                          Filters=[{"Name": f"tag:{TAG_FLAVOR}", "Values": [self.spec.flavor]}])["Snapshots"]
+        cutoff = datetime.now(timezone.utc) - timedelta(days=1)
+        out = []
+        for snap in snaps:
+            tags = {t["Key"]: t["Value"] for t in snap.get("Tags", [])}
+            if tags.get(TAG_IMAGE) not in image_names and snap["StartTime"] < cutoff:
+                out.append(GcItem("aws", region, f"snapshot:{snap['SnapshotId']}", snap["StartTime"].isoformat(),
+                                  [f"orphan of {tags.get(TAG_IMAGE)} ({snap['State']})"]))
+        return out
+
     def gc_delete(self, item: GcItem) -> None:
+        if item.image.startswith("snapshot:"):
+            self.call("ec2", "delete_snapshot", item.where, SnapshotId=item.image.split(":", 1)[1])
+            return
         self.call("ec2", "deregister_image", item.where, ImageId=item.image)
         for snap in item.extras:
             try:

@@ -182,7 +182,7 @@ def test_dry_run_changes_nothing(aws, cloud_build_dir, monkeypatch):
     result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
     assert result["dry_run"] and any("upload disk.raw" in s for s in result["plan"])
     assert any("copy to eu-west-1" in s for s in result["plan"])
-    assert {r.action for r in aws.proxy.requests} <= {"GetCallerIdentity", "DescribeImages"}
+    assert {r.action for r in aws.proxy.requests} <= {"GetCallerIdentity", "DescribeImages", "DescribeSnapshots"}
     assert not (paths.build / "cloud-images.json").exists()
 
 
