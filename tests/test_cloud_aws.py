@@ -142,9 +142,12 @@ def test_s3_import_failure_surfaces_status_message_and_cleans_up(aws, cloud_buil
     assert aws.actions("RegisterImage") == []
 
 
-def test_throttling_and_5xx_are_retried(aws, cloud_build_dir):
+def test_throttling_5xx_and_not_yet_visible_snapshot_are_retried(aws, cloud_build_dir):
     is_put = lambda r: r.method == "PUT" and "/blocks/" in r.path  # noqa: E731
-    faults = [aws.proxy.inject(is_put, 3, JSON_THROTTLE),
+    not_yet = Reply(404, b'{"message": "The snapshot does not exist"}',
+                    {"Content-Type": "application/json", "x-amzn-ErrorType": "ResourceNotFoundException"})
+    faults = [aws.proxy.inject(is_put, 2, not_yet),  # right after StartSnapshot
+              aws.proxy.inject(is_put, 3, JSON_THROTTLE),
               aws.proxy.inject(is_put, 2, SERVER_ERROR),
               aws.proxy.inject(lambda r: "/snapshots/completion/" in r.path, 1, SERVER_ERROR),
               aws.proxy.inject(lambda r: r.action == "RegisterImage", 2, EC2_THROTTLE),
