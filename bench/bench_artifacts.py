@@ -6,7 +6,8 @@ commands run by hand, from the same inputs (build/<flavor>/ after `doit build-<f
 
 Rows: ISO, raw disk, qcow2, Azure VHD, GCE tar: the pipeline's stage function (in a
 scratch build dir: same code path as doit, manifest and digests included) vs the
-same tools typed by hand (shell script), best of --repeat; target ratio <= 1.10.
+same tools typed by hand (shell script, ending with sha256sum of the output as the
+manifest records a digest), best of --repeat; target ratio <= 1.10.
 Then the raw disk's allocated vs nominal size, and seconds from QEMU start to the
 login prompt (ISO under OVMF, raw disk under SeaBIOS).
 """
@@ -107,18 +108,21 @@ dd if=oem.img of={out} bs=1M seek={starts[2]} conv=notrunc,sparse status=none
 dd if=rec.img of={out} bs=1M seek={starts[3]} conv=notrunc,sparse status=none
 dd if=core.img of={out} bs=512 seek={starts[0] * 2048} conv=notrunc status=none
 dd if={grub}/i386-pc/boot.img of={out} bs=440 count=1 conv=notrunc status=none
+sha256sum {out} >/dev/null
 """
 
 
 def by_hand_format(kind: str, raw: Path, out: Path, work: Path, sde: int) -> str:
+    """The same tools by hand; each ends with a sha256sum, as the manifest records one."""
+    digest = f"sha256sum {out} >/dev/null"
     if kind == "qcow2":
-        return f"qemu-img convert -f raw -O qcow2 {raw} {out}"
+        return f"qemu-img convert -f raw -O qcow2 {raw} {out}; {digest}"
     if kind == "azure-vhd":
-        return f"qemu-img convert -f raw -O vpc -o subformat=fixed,force_size {raw} {out}"
+        return f"qemu-img convert -f raw -O vpc -o subformat=fixed,force_size {raw} {out}; {digest}"
     gib = -(-raw.stat().st_size // 2**30)
     return f"""cd {work}; cp --sparse=always {raw} disk.raw; truncate -s {gib}G disk.raw
 tar --sort=name --mtime=@{sde} --owner=0 --group=0 --numeric-owner --format=oldgnu -S -cf - disk.raw \\
-  | gzip -n > {out}; rm -f disk.raw"""
+  | gzip -n > {out}; rm -f disk.raw; {digest}"""
 
 
 def boot_seconds(path: Path, media: str, firmware: str) -> float | str:
