@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,16 @@ def make_disk(build: Path, size_mib: int, data_mib: int) -> None:
     (build / "disk.tar.gz.tmp").unlink()
     arts = [{"kind": k, "path": p, "sha256": disks.sha256(build / p), "size": (build / p).stat().st_size}
             for k, p in (("raw", "disk.raw"), ("azure-vhd", "disk.vhd"), ("gce-tar", "disk.tar.gz"))]
+    (build / "manifest.json").write_text(json.dumps({"schema": 1, "artifacts": arts}))
+
+
+def link_build(src: Path, build: Path) -> None:
+    """Symlink a real build's three cloud artifacts and list them in a manifest."""
+    build.mkdir(parents=True, exist_ok=True)
+    real = json.loads((src / "manifest.json").read_text())["artifacts"]
+    arts = [a for a in real if a["kind"] in ("raw", "azure-vhd", "gce-tar")]
+    for a in arts:
+        os.symlink(src / a["path"], build / a["path"])
     (build / "manifest.json").write_text(json.dumps({"schema": 1, "artifacts": arts}))
 
 
@@ -111,6 +122,8 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--data-mib", type=int, default=384)
     ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--from-build", type=Path, metavar="DIR",
+                    help="use the raw/azure-vhd/gce-tar artifacts of a real build (e.g. build/red) instead")
     args = ap.parse_args()
     os.environ.setdefault("COS_LOG", "WARNING")
     log.setup()
@@ -148,9 +161,13 @@ def main() -> int:
                   "gcp": {"project": "bench", "bucket": "bench-images", "family": "cos-bench"}}
         flavor = make_flavor(clouds, name="bench")
         paths = FlavorPaths(flavor)
-        print(f"making a {args.size_mib} MiB disk with {args.data_mib} MiB of data ...", flush=True)
-        make_disk(paths.build, args.size_mib, args.data_mib)
-        raw, vhd, tar = (paths.build / n for n in ("disk.raw", "disk.vhd", "disk.tar.gz"))
+        if args.from_build:
+            link_build(args.from_build.resolve(), paths.build)
+        else:
+            print(f"making a {args.size_mib} MiB disk with {args.data_mib} MiB of data ...", flush=True)
+            make_disk(paths.build, args.size_mib, args.data_mib)
+        arts = {a["kind"]: a["path"] for a in json.loads(paths.manifest.read_text())["artifacts"]}
+        raw, vhd, tar = (paths.build / arts[k] for k in ("raw", "azure-vhd", "gce-tar"))
         cold = read_speed(raw, cold=True)
         read = read_speed(raw, cold=False)
         rows = []
@@ -167,8 +184,8 @@ def main() -> int:
                                 name="benchs3")
         s3_paths = FlavorPaths(s3_flavor)
         s3_paths.build.mkdir(parents=True, exist_ok=True)
-        for name in ("disk.raw", "manifest.json"):
-            os.link(paths.build / name, s3_paths.build / name)
+        for name in (raw.name, "manifest.json"):
+            os.symlink(os.path.realpath(paths.build / name), s3_paths.build / name)
         row("aws s3 multipart (+import)", raw, measured("aws", s3_flavor, s3_paths, moto.proc.pid))
         row("azure page blob", vhd, measured("azure", flavor, paths, azurite.proc.pid))
         row("gcp gcs resumable", tar, measured("gcp", flavor, paths, gcs.proc.pid))
@@ -205,6 +222,7 @@ def main() -> int:
     finally:
         for s in reversed(servers):
             s.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

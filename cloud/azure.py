@@ -77,6 +77,7 @@ class AzureUploader(Uploader):
         self.version: Any = None
         self.blob_created = False
         self._compute = None
+        self.use_gallery = bool(target.gallery)
 
     # -- clients -------------------------------------------------------------------
     @property
@@ -132,10 +133,12 @@ class AzureUploader(Uploader):
         if self.spec.arch not in ARCH:
             raise PublishError(f"azure: architecture {self.spec.arch!r} is not supported (x86_64, arm64)")
         self.blob = self.blob_service().get_container_client(self.target.container).get_blob_client(self.blob_name)
-        if self.target.gallery:
-            if not VERSION_RE.match(self.spec.version):
-                raise PublishError(f"azure: gallery image versions are MAJOR.MINOR.PATCH; {self.spec.version!r} is not",
-                                   "use a plain x.y.z flavor version for gallery publishing")
+        if self.target.gallery and not VERSION_RE.match(self.spec.version):
+            # Gallery versions are MAJOR.MINOR.PATCH and immutable: dev builds (1.2.3-gabc) get the image only.
+            log.warning("azure: version %s is not MAJOR.MINOR.PATCH: no gallery image version for this build "
+                        "(the managed image is still made)", self.spec.version)
+            self.use_gallery = False
+        if self.use_gallery:
             t = self.target
             gimg = self.arm(f"get gallery image {t.gallery}/{t.gallery_image}", self.compute.gallery_images.get,
                             t.resource_group, t.gallery, t.gallery_image)
@@ -181,7 +184,7 @@ class AzureUploader(Uploader):
                 steps.append(f"upload {self.spec.disk.name} ({self.size / 1e6:.1f} MB nominal; zero 4 MiB ranges skipped) "
                              f"to page blob {self.blob.url}")
             steps.append(f"create image {self.spec.name} (HyperVGeneration V2) in {t.resource_group}/{t.location}")
-        if t.gallery:
+        if self.use_gallery:
             steps.append(f"create gallery image version {t.gallery}/{t.gallery_image}/{self.spec.version} "
                          f"in {', '.join([t.location, *t.replica_locations])} (unless it exists)")
         return steps
@@ -274,7 +277,7 @@ class AzureUploader(Uploader):
 
     def share(self) -> None:
         t = self.target
-        if not t.gallery:
+        if not self.use_gallery:
             return
         from azure.mgmt.compute.models import (GalleryArtifactVersionFullSource, GalleryImageVersion,
                                                GalleryImageVersionPublishingProfile,

@@ -139,6 +139,13 @@ def test_not_a_fixed_vhd_is_refused_before_upload(azure, cloud_build_dir):
     assert page_put_requests(azure) == [] and azure.arm.puts("") == []
 
 
+def test_dev_version_gets_the_image_but_no_gallery_version(azure, cloud_build_dir):
+    flavor = make_flavor({"azure": gallery_target(azure)}, name="azdev")
+    result = publish.publish_cloud(flavor, flavor_paths(flavor), "0.1.0-g8878b934", "azure")
+    assert "gallery_image_version" not in result
+    assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1 and azure.arm.puts("/versions/") == []
+
+
 def test_gallery_architecture_mismatch_is_refused(azure, cloud_build_dir):
     flavor = make_flavor({"azure": gallery_target(azure)}, name="azarm", arch="arm64")
     paths = flavor_paths(flavor)
