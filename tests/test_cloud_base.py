@@ -71,3 +71,24 @@ def test_bad_targets_are_refused(clouds, message):
     from pydantic import ValidationError
     with pytest.raises((ValidationError, ConfigError), match=message):
         make_flavor(clouds)
+
+
+def test_missing_or_changed_artifact_is_a_clear_error(tmp_path, monkeypatch):
+    import json
+    from pipeline import publish
+    from pipeline.errors import PipelineError
+    from tests.servers.fixtures import flavor_paths
+    monkeypatch.setenv("COS_BUILD_DIR", str(tmp_path / "build"))
+    flavor = make_flavor({"gcp": {"project": "p", "bucket": "b"}}, name="missing")
+    paths = flavor_paths(flavor)
+    data = json.loads(paths.manifest.read_text())
+    paths.manifest.write_text(json.dumps({**data, "artifacts": [a for a in data["artifacts"] if a["kind"] != "gce-tar"]}))
+    with pytest.raises(PipelineError, match="no 'gce-tar' artifact.*\n.*doit build-missing"):
+        publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+    paths.manifest.write_text(json.dumps(data))
+    with open(paths.build / "disk.tar.gz", "ab") as f:
+        f.write(b"changed")
+    with pytest.raises(PipelineError, match="differs from the manifest"):
+        publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+    with pytest.raises(PipelineError, match="no clouds.aws target"):
+        publish.publish_cloud(flavor, paths, "0.1.0", "aws")
