@@ -31,7 +31,7 @@ from pathlib import Path
 from . import efi
 from .config import DiskLayout, Flavor, FlavorPaths
 from .errors import PipelineError
-from .files import atomic_path, file_entry
+from .files import atomic_path
 from .run import run
 
 MIB = 1024 * 1024
@@ -224,6 +224,6 @@ def raw_path(flavor: Flavor, paths: FlavorPaths, version: str) -> Path:
 def raw_stage(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
     out = raw_path(flavor, paths, version)
     build_raw(out, efi.boot_inputs(paths), flavor.disk)
-    entry = file_entry("raw", out, paths.build)
+    entry = efi.artifact_entry("raw", out, paths)
     efi.record_artifact(paths, entry)
     return entry

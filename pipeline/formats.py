@@ -18,7 +18,7 @@ from typing import ClassVar
 from . import efi
 from .config import Flavor, FlavorPaths
 from .errors import PipelineError
-from .files import atomic_path, file_entry
+from .files import atomic_path
 from .run import run
 
 MIB = 1024 * 1024
@@ -136,6 +136,6 @@ def format_stage(kind: str, flavor: Flavor, paths: FlavorPaths, version: str, ra
     if not raw.is_file():
         raise PipelineError(f"{raw} is missing", f"run: doit build-{flavor.name}:raw")
     out = fmt.convert(raw, fmt.path(flavor, paths, version), efi.boot_inputs(paths))
-    entry = file_entry(fmt.kind, out, paths.build)
+    entry = efi.artifact_entry(fmt.kind, out, paths)
     efi.record_artifact(paths, entry)
     return entry

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import efi
 from .config import Flavor, FlavorPaths
-from .files import DIGESTS, atomic_path, file_entry
+from .files import DIGESTS, atomic_path
 from .run import run
 
 ELTORITO_PATH = "boot/grub/i386-pc/eltorito.img"
@@ -95,7 +95,7 @@ def iso_stage(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
     out = iso_path(flavor, paths, version)
     build_iso(out, efi.boot_inputs(paths), label=flavor.boot.live_label, cmdline=flavor.boot.cmdline,
               title=f"cOS {flavor.name} {version} (live)")
-    write_sha256(out)
-    entry = file_entry("iso", out, paths.build)
+    entry = efi.artifact_entry("iso", out, paths)
+    write_sha256(out)  # from the digest just recorded
     efi.record_artifact(paths, entry, companions=(".sha256",))
     return entry

@@ -39,23 +39,22 @@ def require(firmware: str) -> None:
         pytest.skip(msg)
 
 
-def boot(drive: Drive, firmware: str, name: str, record_property) -> VM:
+def boot(drive: Drive, firmware: str, name: str) -> VM:
     require(firmware)
     vm = VM(drive, firmware=firmware, name=name).start()
     try:
-        seconds = vm.login(timeout=BOOT_TIMEOUT)
+        vm.login(timeout=BOOT_TIMEOUT)
     except BaseException:
         vm.stop()
         raise
-    record_property("seconds_to_login", round(seconds, 1))
     return vm
 
 
 @pytest.mark.boot
 @pytest.mark.parametrize("firmware,media", [("uefi", "cdrom"), ("uefi", "usb"), ("bios", "cdrom")])
-def test_iso_boots_live(red_build, build_dir, firmware, media, record_property):
+def test_iso_boots_live(red_build, build_dir, firmware, media):
     path = artifact(red_build, build_dir, "iso")
-    vm = boot(Drive(path, media), firmware, f"iso-{firmware}-{media}", record_property)
+    vm = boot(Drive(path, media), firmware, f"iso-{firmware}-{media}")
     try:
         cmdline = vm.run("cat /proc/cmdline")
         assert "root=live:CDLABEL=COS_LIVE" in cmdline and "rd.live.squashimg=rootfs.squashfs" in cmdline
@@ -83,9 +82,9 @@ def check_recovery(vm: VM) -> None:
 
 @pytest.mark.boot
 @pytest.mark.parametrize("firmware", ["uefi", "bios"])
-def test_raw_disk_boots_recovery_first(red_build, build_dir, firmware, record_property):
+def test_raw_disk_boots_recovery_first(red_build, build_dir, firmware):
     path = artifact(red_build, build_dir, "raw")
-    vm = boot(Drive(path), firmware, f"raw-{firmware}", record_property)
+    vm = boot(Drive(path), firmware, f"raw-{firmware}")
     try:
         check_recovery(vm)
         vm.poweroff()
@@ -94,13 +93,13 @@ def test_raw_disk_boots_recovery_first(red_build, build_dir, firmware, record_pr
 
 
 @pytest.mark.boot
-def test_raw_disk_second_boot_falls_back_to_recovery(red_build, build_dir, tmp_path, record_property):
+def test_raw_disk_second_boot_falls_back_to_recovery(red_build, build_dir, tmp_path):
     """The first boot clears next_entry in COS_OEM's grubenv; with no COS_STATE yet, the
     second boot's default entry (cos) fails and GRUB falls back to recovery."""
     disk_copy = tmp_path / "disk.raw"
     subprocess.run(["cp", "--sparse=always", artifact(red_build, build_dir, "raw"), disk_copy], check=True)
     for n in (1, 2):
-        vm = boot(Drive(disk_copy, snapshot=False), "uefi", f"raw-boot{n}", record_property)
+        vm = boot(Drive(disk_copy, snapshot=False), "uefi", f"raw-boot{n}")
         try:
             check_recovery(vm)
             console = vm.text()
@@ -113,9 +112,9 @@ def test_raw_disk_second_boot_falls_back_to_recovery(red_build, build_dir, tmp_p
 
 @pytest.mark.boot
 @pytest.mark.parametrize("kind,fmt,firmware", [("qcow2", "qcow2", "uefi"), ("azure-vhd", "vpc", "bios")])
-def test_disk_formats_boot_recovery(red_build, build_dir, kind, fmt, firmware, record_property):
+def test_disk_formats_boot_recovery(red_build, build_dir, kind, fmt, firmware):
     path = artifact(red_build, build_dir, kind)
-    vm = boot(Drive(path, format=fmt), firmware, f"{kind}-{firmware}", record_property)
+    vm = boot(Drive(path, format=fmt), firmware, f"{kind}-{firmware}")
     try:
         check_recovery(vm)
         vm.poweroff()
