@@ -177,7 +177,7 @@ def build_raw(out: Path, inputs: efi.BootInputs, disk: DiskLayout) -> Path:
     parts = layout(disk)
     starts, total_mib = offsets(parts)
     legacy, esp, oem, recovery = parts
-    search = [recovery.label, disk.state.label]  # preference: an installed COS_STATE, else recovery
+    search = [disk.state.label, recovery.label]  # an installed COS_STATE first, else recovery
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".raw-") as work:
         w = Path(work)
         early = efi.early_config(search, GRUB_CFG)

@@ -73,6 +73,17 @@ def test_filesystems_labels_and_uuids(raw, inputs):
     assert "BOOTX64.EFI" in listing.upper()
 
 
+def test_esp_grub_prefers_state_then_recovery(raw, tmp_path):
+    """An installed COS_STATE wins over COS_RECOVERY (GRUB keeps the last search hit)."""
+    efi_bin = tmp_path / "BOOTX64.EFI"
+    run("mcopy", "-i", f"{raw}@@{partitions(raw)[1]['start'] * 512}", "::/EFI/BOOT/BOOTX64.EFI", efi_bin)
+    data = efi_bin.read_bytes()
+    recovery = data.find(b"--label --set=root COS_RECOVERY\n")
+    state = data.find(b"--label --set=root COS_STATE\n")
+    assert 0 < recovery < state, (recovery, state)
+    assert b"configfile ($root)/etc/cos/grub.cfg" in data
+
+
 def _cat(raw, part: dict, path: str) -> bytes:
     import subprocess
     proc = subprocess.run(["debugfs", "-R", f"cat {path}", f"{raw}?offset={part['start'] * 512}"],
