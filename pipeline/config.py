@@ -146,11 +146,17 @@ class FlavorPaths:
         """A stage's small JSON record (ids, digests) that later stages depend on."""
         return self.build / f"{stage}.json"
 
+    @property
+    def common_dockerfiles(self) -> tuple[Path, Path]:
+        """The head and tail every flavor's Dockerfile is wrapped in (see image.compose)."""
+        common = flavors_dir() / "common"
+        return common / "head.Dockerfile", common / "tail.Dockerfile"
+
     @cached_property
     def context_files(self) -> list[Path]:
-        """Every file of the docker build context, sorted (flavor.yaml is config, not context)."""
-        return sorted(p for p in self.source.rglob("*")
-                      if p.is_file() and p.name != FLAVOR_FILE)
+        """Every input of the docker build, sorted (flavor.yaml is config, not context)."""
+        return sorted([*self.common_dockerfiles,
+                       *(p for p in self.source.rglob("*") if p.is_file() and p.name != FLAVOR_FILE)])
 
 
 def flavors_dir() -> Path:

@@ -97,7 +97,8 @@ def pull(ref: str) -> str:
 
 def build(context: Path, tag: str, buildargs: dict[str, str], dockerfile: str = "Dockerfile",
           network_mode: str = "host", labels: dict[str, str] | None = None) -> str:
-    """docker build with the log streamed line by line; returns the image id."""
+    """docker build with the log streamed line by line; returns the image id.
+    A dockerfile outside `context` is sent inside the context by the SDK."""
     log.info("docker build %s -t %s", context, tag)
     stream = api().build(path=str(context), dockerfile=dockerfile, tag=tag, buildargs=buildargs,
                          network_mode=network_mode, labels=labels or {}, rm=True,

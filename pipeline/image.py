@@ -10,7 +10,7 @@ from . import docker_engine, manifest
 from .bootstrap import bootstrap_image
 from .config import Flavor, FlavorPaths
 from .errors import PipelineError
-from .files import write_json_atomic
+from .files import atomic_path, write_json_atomic
 from .packages import build_toolkit
 
 log = logging.getLogger("cos.image")
@@ -54,6 +54,13 @@ def _fallback_base(flavor: Flavor, paths: FlavorPaths, pull_error: PipelineError
             "origin": "bootstrapped"}
 
 
+def compose(paths: FlavorPaths) -> str:
+    """The Dockerfile actually built: common head + the flavor's own + common tail.
+    A flavor states only its distro's part; what every cOS image needs is written once."""
+    head, tail = paths.common_dockerfiles
+    return head.read_text() + paths.dockerfile.read_text() + tail.read_text()
+
+
 def build_args(flavor: Flavor, version: str, base_ref: str, toolkit_tag: str) -> dict[str, str]:
     """What every flavor Dockerfile is given (tests check Dockerfiles use no other ARG)."""
     return {**flavor.image.build_args, "BASE_IMAGE": base_ref, "TOOLKIT_IMAGE": toolkit_tag,
@@ -74,7 +81,10 @@ def build_os_image(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
               "org.opencontainers.image.title": f"cOS {flavor.name}",
               "org.opencontainers.image.base.name": flavor.base.ref,
               "org.cos-pipeline.flavor": flavor.name}
-    image_id = docker_engine.build(paths.source, tag, buildargs, labels=labels)
+    dockerfile = paths.build / "Dockerfile"
+    with atomic_path(dockerfile) as tmp:
+        tmp.write_text(compose(paths))
+    image_id = docker_engine.build(paths.source, tag, buildargs, dockerfile=str(dockerfile), labels=labels)
     created = docker_engine.client().images.get(image_id).attrs["Created"]
     record = {"reference": tag, "id": image_id, "created": created,
               "source_date_epoch": _epoch(created), "base": base, "toolkit": toolkit["tag"]}

@@ -6,13 +6,15 @@ reason; on a connected machine the same test builds them for real."""
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 import subprocess
 
 import pytest
 from dockerfile_parse import DockerfileParser
 
 from pipeline.config import PACKAGES_DIR, FlavorPaths, load_flavor
-from pipeline.image import build_args
+from pipeline.image import build_args, compose
 
 from .conftest import run_doit
 
@@ -28,7 +30,8 @@ ARG_RE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 
 def _parse(name: str):
     paths = FlavorPaths(load_flavor(name))
-    parser = DockerfileParser(path=str(paths.dockerfile))
+    parser = DockerfileParser(path=str(Path(tempfile.mkdtemp()) / "Dockerfile"))
+    parser.content = compose(paths)  # what is built: common head + flavor's own + common tail
     return paths, parser.structure
 
 
@@ -78,6 +81,16 @@ def test_dockerfile_installs_what_booting_needs(name):
     runs = [i["value"] for i in structure if i["instruction"] == "RUN"]
     assert any("/usr/lib/cos/setup-image" in r for r in runs)
     assert runs[-1].strip() == "/usr/lib/cos/brand", "branding must be the last, cheap layer"
+
+
+@pytest.mark.parametrize("name", FLAVORS)
+def test_flavor_dockerfile_holds_only_its_distro_part(name):
+    """The shared head/tail are not repeated in a flavor's own Dockerfile."""
+    text = FlavorPaths(load_flavor(name)).dockerfile.read_text()
+    own = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+    for shared in ("setup-image", "/usr/lib/cos/brand", "AS toolkit", "COPY overlay/"):
+        assert shared not in own, f"{name}/Dockerfile repeats {shared!r} from flavors/common/"
+    assert "FROM ${BASE_IMAGE}" in own
 
 
 @pytest.mark.slow
