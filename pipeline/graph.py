@@ -35,6 +35,11 @@ class FlavorContext:
         return f"build-{self.name}:{stage}"
 
 
+def _sde() -> str | None:
+    """$SOURCE_DATE_EPOCH is part of the key of every stage whose bytes it sets."""
+    return os.environ.get("SOURCE_DATE_EPOCH")
+
+
 def stage_action(fn: Callable, *args) -> tuple:
     """A doit python-action that turns PipelineError into one clean failure message."""
     def action():
@@ -107,7 +112,7 @@ def squashfs_task(ctx: FlavorContext) -> Task:
             "file_dep": [ctx.paths.state("image")],
             "targets": [b / "rootfs.squashfs", b / "boot/vmlinuz", b / "boot/initrd"],
             "uptodate": [config_changed({"squashfs": opts.model_dump(),
-                                         "sde": os.environ.get("SOURCE_DATE_EPOCH")})],
+                                         "sde": _sde()})],
             "actions": [stage_action(squashfs.build_squashfs, ctx.flavor, ctx.paths)],
             "clean": True}
 
@@ -124,7 +129,7 @@ def iso_task(ctx: FlavorContext) -> Task:
             "file_dep": _boot_inputs(ctx),
             "targets": [out, out.with_name(out.name + ".sha256")],
             "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(),
-                                         "sde": squashfs.os.environ.get("SOURCE_DATE_EPOCH")})],
+                                         "sde": _sde()})],
             "actions": [stage_action(iso.iso_stage, ctx.flavor, ctx.paths, ctx.version)],
             "clean": True}
 
@@ -135,7 +140,7 @@ def raw_task(ctx: FlavorContext) -> Task:
             "file_dep": _boot_inputs(ctx),
             "targets": [out],
             "uptodate": [config_changed({"disk": ctx.flavor.disk.model_dump(),
-                                         "sde": squashfs.os.environ.get("SOURCE_DATE_EPOCH")})],
+                                         "sde": _sde()})],
             "actions": [stage_action(disk.raw_stage, ctx.flavor, ctx.paths, ctx.version)],
             "clean": True}
 
@@ -149,7 +154,7 @@ def format_tasks(ctx: FlavorContext) -> list[Callable[[FlavorContext], Task]]:
             return {"name": kind, "doc": f"{kind} from the raw disk",
                     "file_dep": [raw, c.paths.state("image")],
                     "targets": [fmt.path(c.flavor, c.paths, c.version)],
-                    "uptodate": [config_changed({"sde": squashfs.os.environ.get("SOURCE_DATE_EPOCH")})],
+                    "uptodate": [config_changed({"sde": _sde()})],
                     "actions": [stage_action(formats.format_stage, kind, c.flavor, c.paths, c.version, raw)],
                     "clean": True}
         return task
