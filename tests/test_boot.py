@@ -67,17 +67,24 @@ def test_iso_boots_live(red_build, build_dir, firmware, media):
         vm.stop()
 
 
+def check(vm: VM, ok: bool, what: str) -> None:
+    """Assert with the serial console's tail in the message."""
+    if not ok:
+        raise vm.fail(what)
+
+
 def check_recovery(vm: VM) -> None:
     cmdline = vm.run("cat /proc/cmdline")
-    assert "root=live:LABEL=COS_RECOVERY" in cmdline and "cos.mode=recovery" in cmdline, cmdline
+    check(vm, "root=live:LABEL=COS_RECOVERY" in cmdline and "cos.mode=recovery" in cmdline, cmdline)
     vm.run("test -e /run/cos/recovery_mode")
+    # lsblk reads labels from udev's database: wait until udev has probed every device
+    vm.run("udevadm settle --timeout=120")
     labels = vm.run("lsblk -n -o LABEL").split()
-    for label in ("COS_GRUB", "COS_OEM", "COS_RECOVERY"):
-        assert label in labels, labels
+    check(vm, {"COS_GRUB", "COS_OEM", "COS_RECOVERY"} <= set(labels), f"lsblk labels: {labels}")
     blkid = vm.run("blkid")
-    assert 'LABEL="COS_GRUB"' in blkid and 'TYPE="vfat"' in blkid
-    assert 'LABEL="COS_OEM"' in blkid and 'LABEL="COS_RECOVERY"' in blkid
-    assert vm.run("findmnt -n -o FSTYPE /") == "overlay"
+    for needed in ('LABEL="COS_GRUB"', 'TYPE="vfat"', 'LABEL="COS_OEM"', 'LABEL="COS_RECOVERY"'):
+        check(vm, needed in blkid, f"blkid lacks {needed}:\n{blkid}")
+    check(vm, vm.run("findmnt -n -o FSTYPE /") == "overlay", "/ is not the live overlay")
 
 
 @pytest.mark.boot
