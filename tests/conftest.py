@@ -36,6 +36,12 @@ def docker_client():
     return docker_engine.client()
 
 
+def _build(name: str) -> dict:
+    """`doit build-<name>` (reuses a previous build when up to date); returns the manifest."""
+    run_doit(f"build-{name}")
+    return json.loads(FlavorPaths(load_flavor(name)).manifest.read_text())
+
+
 @pytest.fixture(scope="session")
 def red_paths() -> FlavorPaths:
     return FlavorPaths(load_flavor("red"))
@@ -43,10 +49,22 @@ def red_paths() -> FlavorPaths:
 
 @pytest.fixture(scope="session")
 def red_build(docker_client, red_paths) -> dict:
-    """`doit build-red` once per session (reuses a previous build when up to date).
-    Returns the manifest."""
-    run_doit("build-red")
-    return json.loads(red_paths.manifest.read_text())
+    """red built once per session: the flavor that builds everywhere, offline too."""
+    return _build("red")
+
+
+# The boot tests boot this flavor: red by default; `./dev build <flavor>` sets it.
+BOOT_FLAVOR = os.environ.get("COS_BOOT_FLAVOR", "red")
+
+
+@pytest.fixture(scope="session")
+def flavor_paths() -> FlavorPaths:
+    return FlavorPaths(load_flavor(BOOT_FLAVOR))
+
+
+@pytest.fixture(scope="session")
+def flavor_build(docker_client, flavor_paths) -> dict:
+    return _build(BOOT_FLAVOR)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Every bootable artifact of red really boots, in QEMU under TCG (no KVM needed):
+"""Every bootable artifact of a flavor (red; $COS_BOOT_FLAVOR picks another) really
+boots, in QEMU under TCG (no KVM needed):
 the ISO under OVMF as a CD-ROM and as a USB disk and under SeaBIOS as a CD-ROM (both
 boot paths and the hybrid layout) comes up live; the raw disk under OVMF and SeaBIOS
 boots the recovery entry on first start with COS_GRUB/COS_OEM/COS_RECOVERY present,
@@ -52,8 +53,8 @@ def boot(drive: Drive, firmware: str, name: str) -> VM:
 
 @pytest.mark.boot
 @pytest.mark.parametrize("firmware,media", [("uefi", "cdrom"), ("uefi", "usb"), ("bios", "cdrom")])
-def test_iso_boots_live(red_build, build_dir, firmware, media):
-    path = artifact(red_build, build_dir, "iso")
+def test_iso_boots_live(flavor_build, build_dir, firmware, media):
+    path = artifact(flavor_build, build_dir, "iso")
     vm = boot(Drive(path, media), firmware, f"iso-{firmware}-{media}")
     try:
         cmdline = vm.run("cat /proc/cmdline")
@@ -89,8 +90,8 @@ def check_recovery(vm: VM) -> None:
 
 @pytest.mark.boot
 @pytest.mark.parametrize("firmware", ["uefi", "bios"])
-def test_raw_disk_boots_recovery_first(red_build, build_dir, firmware):
-    path = artifact(red_build, build_dir, "raw")
+def test_raw_disk_boots_recovery_first(flavor_build, build_dir, firmware):
+    path = artifact(flavor_build, build_dir, "raw")
     vm = boot(Drive(path), firmware, f"raw-{firmware}")
     try:
         check_recovery(vm)
@@ -100,11 +101,11 @@ def test_raw_disk_boots_recovery_first(red_build, build_dir, firmware):
 
 
 @pytest.mark.boot
-def test_raw_disk_second_boot_falls_back_to_recovery(red_build, build_dir, tmp_path):
+def test_raw_disk_second_boot_falls_back_to_recovery(flavor_build, build_dir, tmp_path):
     """The first boot clears next_entry in COS_OEM's grubenv; with no COS_STATE yet, the
     second boot's default entry (cos) fails and GRUB falls back to recovery."""
     disk_copy = tmp_path / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", artifact(red_build, build_dir, "raw"), disk_copy], check=True)
+    subprocess.run(["cp", "--sparse=always", artifact(flavor_build, build_dir, "raw"), disk_copy], check=True)
     for n in (1, 2):
         vm = boot(Drive(disk_copy, snapshot=False), "uefi", f"raw-boot{n}")
         try:
@@ -119,8 +120,8 @@ def test_raw_disk_second_boot_falls_back_to_recovery(red_build, build_dir, tmp_p
 
 @pytest.mark.boot
 @pytest.mark.parametrize("kind,fmt,firmware", [("qcow2", "qcow2", "uefi"), ("azure-vhd", "vpc", "bios")])
-def test_disk_formats_boot_recovery(red_build, build_dir, kind, fmt, firmware):
-    path = artifact(red_build, build_dir, kind)
+def test_disk_formats_boot_recovery(flavor_build, build_dir, kind, fmt, firmware):
+    path = artifact(flavor_build, build_dir, kind)
     vm = boot(Drive(path, format=fmt), firmware, f"{kind}-{firmware}")
     try:
         check_recovery(vm)
@@ -129,9 +130,9 @@ def test_disk_formats_boot_recovery(red_build, build_dir, kind, fmt, firmware):
         vm.stop()
 
 
-def test_gce_tar_is_the_raw_disk_padded(red_build, build_dir, tmp_path):
-    raw = artifact(red_build, build_dir, "raw")
-    tar = artifact(red_build, build_dir, "gce-tar")
+def test_gce_tar_is_the_raw_disk_padded(flavor_build, build_dir, tmp_path):
+    raw = artifact(flavor_build, build_dir, "raw")
+    tar = artifact(flavor_build, build_dir, "gce-tar")
     subprocess.run(["tar", "-xzSf", tar, "-C", tmp_path], check=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw"]
     unpacked = tmp_path / "disk.raw"
@@ -153,9 +154,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def test_iso_and_raw_rebuild_byte_identical(red_build, red_paths, build_dir, tmp_path):
-    inputs = efi.boot_inputs(red_paths)
-    flavor = red_paths.flavor
+def test_iso_and_raw_rebuild_byte_identical(flavor_build, flavor_paths, build_dir, tmp_path):
+    inputs = efi.boot_inputs(flavor_paths)
+    flavor = flavor_paths.flavor
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         d.mkdir()
@@ -165,4 +166,4 @@ def test_iso_and_raw_rebuild_byte_identical(red_build, red_paths, build_dir, tmp
     assert sha256(one / "live.iso") == sha256(two / "live.iso")
     assert sha256(one / "disk.raw") == sha256(two / "disk.raw")
     # and the pipeline's own artifact equals a rebuild from the same inputs
-    assert sha256(one / "disk.raw") == sha256(artifact(red_build, build_dir, "raw"))
+    assert sha256(one / "disk.raw") == sha256(artifact(flavor_build, build_dir, "raw"))
