@@ -86,3 +86,14 @@ def test_sha256_matches_hashlib(tmp_path, cache):
     f = tmp_path / "x"
     f.write_bytes(b"hello")
     assert cache.sha256(f) == hashlib.sha256(b"hello").hexdigest()
+
+
+def test_sha256_of_a_sparse_file_equals_reading_it_all(tmp_path):
+    import hashlib
+    f = tmp_path / "sparse.raw"
+    with open(f, "wb") as out:
+        out.truncate(64 << 20)
+        for off in (0, 5 << 20, (64 << 20) - 3):
+            out.seek(off)
+            out.write(b"xyz")
+    assert files.hash_file(f) == hashlib.sha256(f.read_bytes()).hexdigest()
