@@ -113,15 +113,17 @@ def make_ext4(out: Path, part: Part, tree: Path, inputs: efi.BootInputs) -> Path
         run(["mkfs.ext4", "-q", "-F", "-L", part.label, "-U", str(inputs.uuid(f"fs-{part.name}")),
              "-E", f"hash_seed={inputs.uuid(f'hash-{part.name}')},root_owner=0:0,nodiscard",
              "-m", "0", "-d", tree, tmp, f"{part.size_mib}M"], env=env, stdout=subprocess.DEVNULL)
-        _pin_times(tmp, tree, inputs.sde, env)
+        _pin_metadata(tmp, tree, inputs.sde, env)
     return out
 
 
-def _pin_times(image: Path, tree: Path, sde: int, env: dict) -> None:
-    """mkfs.ext4 -d (e2fsprogs 1.47.0) copies each file's atime and ctime from the
-    staging tree, and ctime cannot be set on the host: set both with debugfs."""
+def _pin_metadata(image: Path, tree: Path, sde: int, env: dict) -> None:
+    """mkfs.ext4 -d (e2fsprogs 1.47.0) copies each file's atime, ctime and owner from the
+    staging tree; ctime cannot be set on the host, and an unprivileged CI runner would
+    leave its own uid: set them with debugfs (root-owned, times = SOURCE_DATE_EPOCH)."""
     paths = ["/"] + sorted("/" + str(p.relative_to(tree)) for p in tree.rglob("*"))
-    script = "".join(f'sif "{p}" {field} @{sde}\n' for p in paths for field in ("ctime", "atime"))
+    fields = (("ctime", f"@{sde}"), ("atime", f"@{sde}"), ("uid", "0"), ("gid", "0"))
+    script = "".join(f'sif "{p}" {field} {value}\n' for p in paths for field, value in fields)
     with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as cmds:
         cmds.write(script)
         cmds.flush()

@@ -7,6 +7,7 @@ boot partition); the file is sparse; the same inputs give the same bytes."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -145,3 +146,17 @@ def test_image_without_boot_menu_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="cos-grub"):
         disk.build_raw(tmp_path / "bare.raw", bare, LAYOUT)
     assert not (tmp_path / "bare.raw").exists()
+
+
+def test_ext4_files_are_root_owned_whoever_staged_them(inputs, tmp_path):
+    """An unprivileged runner stages files as itself; the filesystem must not keep its uid."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "file").write_bytes(b"x")
+    for p in (tree / "sub", tree / "sub" / "file"):
+        os.chown(p, 1234, 1234)
+    part = disk.layout(LAYOUT)[2]
+    image = disk.make_ext4(tmp_path / "fs.img", part, tree, inputs)
+    for path in ("/sub", "/sub/file"):
+        out = run("debugfs", "-R", f"stat {path}", image)
+        assert "User:     0   Group:     0" in out, out
