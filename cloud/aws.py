@@ -25,7 +25,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .base import TAG_FLAVOR, TAG_IMAGE, GcItem, ImageSpec, Uploader, require_file, select_for_gc, wait_until
-from .disk import blocks_with_data, data_extents, is_zero, read_block
+from .disk import blocks_with_data, data_extents, for_each_block, is_zero, read_block
 from .errors import PublishError
 from .progress import Progress
 from .targets import AwsTarget
@@ -213,35 +213,18 @@ class AwsUploader(Uploader):
 
     def _put_blocks(self, fd: int, indexes: list[int], skip_zero: bool) -> dict[int, bytes]:
         digests: dict[int, bytes] = {}
-        errors: list[BaseException] = []
         ebs = self.client("ebs")
-        slots = threading.BoundedSemaphore(self.target.workers * 2)  # bound memory: blocks in flight
 
         def put(index: int) -> None:
-            try:
-                if errors:
-                    return
-                data = read_block(fd, index, BLOCK, self.size)
-                if skip_zero and is_zero(data):
-                    return
-                digest = hashlib.sha256(data).digest()
-                self._put_block(ebs, index, data, base64.b64encode(digest).decode())
-                digests[index] = digest
-                self.progress.add(len(data))
-            except BaseException as exc:
-                errors.append(exc)
-            finally:
-                slots.release()
+            data = read_block(fd, index, BLOCK, self.size)
+            if skip_zero and is_zero(data):
+                return
+            digest = hashlib.sha256(data).digest()
+            self._put_block(ebs, index, data, base64.b64encode(digest).decode())
+            digests[index] = digest
+            self.progress.add(len(data))
 
-        with ThreadPoolExecutor(self.target.workers, thread_name_prefix="ebs-put") as pool:
-            for index in indexes:
-                slots.acquire()
-                if errors:  # stop feeding work after the first failure
-                    slots.release()
-                    break
-                pool.submit(put, index)
-        if errors:
-            raise errors[0]
+        for_each_block(indexes, put, self.target.workers, "ebs-put")
         return digests
 
     def _put_block(self, ebs, index: int, data: bytes, checksum: str) -> None:

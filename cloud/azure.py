@@ -13,15 +13,13 @@ import logging
 import os
 import re
 import struct
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient, ExponentialRetry
 
 from .base import TAG_CREATED, TAG_FLAVOR, GcItem, ImageSpec, Uploader, require_file, select_for_gc
-from .disk import blocks_with_data, is_zero, read_block
+from .disk import blocks_with_data, for_each_block, is_zero, read_block
 from .errors import PublishError
 from .progress import Progress
 from .targets import AzureTarget
@@ -217,39 +215,23 @@ class AzureUploader(Uploader):
 
     def _put_pages(self) -> None:
         fd = os.open(self.spec.disk, os.O_RDONLY)
-        errors: list[BaseException] = []
-        slots = threading.BoundedSemaphore(self.target.workers * 2)
         try:
             chunks = list(blocks_with_data(fd, self.size, CHUNK))
             self.progress = Progress(f"azure page blob {self.blob_name}", min(len(chunks) * CHUNK, self.size))
 
             def put(index: int) -> None:
-                try:
-                    if errors:
-                        return
-                    offset = index * CHUNK
-                    data = read_block(fd, index, CHUNK, self.size)[:self.size - offset]
-                    if is_zero(data):  # page blobs start zeroed
-                        return
-                    self.blob.upload_page(data, offset=offset, length=len(data))
-                    self.progress.add(len(data))
-                except BaseException as exc:
-                    errors.append(exc)
-                finally:
-                    slots.release()
+                offset = index * CHUNK
+                data = read_block(fd, index, CHUNK, self.size)[:self.size - offset]
+                if is_zero(data):  # page blobs start zeroed
+                    return
+                self.blob.upload_page(data, offset=offset, length=len(data))
+                self.progress.add(len(data))
 
-            with ThreadPoolExecutor(self.target.workers, thread_name_prefix="azure-page") as pool:
-                for index in chunks:
-                    slots.acquire()
-                    if errors:
-                        slots.release()
-                        break
-                    pool.submit(put, index)
+            for_each_block(chunks, put, self.target.workers, "azure-page")
+        except AzureError as exc:
+            raise _azure_error(exc, f"upload pages of {self.blob_name}") from exc
         finally:
             os.close(fd)
-        if errors:
-            exc = errors[0]
-            raise (_azure_error(exc, f"upload pages of {self.blob_name}") if isinstance(exc, AzureError) else exc)
         self.progress.done()
 
     # -- register / share -------------------------------------------------------------

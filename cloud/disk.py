@@ -3,7 +3,9 @@ blocks that hold data, and whether a block is all zeros."""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -47,3 +49,30 @@ def is_zero(data: bytes) -> bool:
     if zeros is None:
         zeros = ZERO_CACHE.setdefault(len(data), bytes(len(data)))
     return data == zeros
+
+
+def for_each_block(indexes: Iterable[int], work: Callable[[int], None], workers: int,
+                   name: str) -> None:
+    """work(index) on `workers` threads with at most 2 x workers blocks in flight (bounds
+    memory); after the first failure no more work is started, and that failure is raised."""
+    errors: list[BaseException] = []
+    slots = threading.BoundedSemaphore(workers * 2)
+
+    def run(index: int) -> None:
+        try:
+            if not errors:
+                work(index)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            slots.release()
+
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        for index in indexes:
+            slots.acquire()
+            if errors:
+                slots.release()
+                break
+            pool.submit(run, index)
+    if errors:
+        raise errors[0]
