@@ -11,75 +11,34 @@ that status (429/503 carry Retry-After: 1).
 """
 from __future__ import annotations
 
-import json
 import re
 import ssl
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import trustme
+
+from .util import JsonApiServer
 
 TOKEN = "local-arm-token-" + uuid.uuid4().hex
 IDENTITY_HEADER = "local-identity-" + uuid.uuid4().hex
 PROVIDER = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Compute"
 
 
-class ArmServer:
+class ArmServer(JsonApiServer):
     def __init__(self, workdir: Path):
         self.ca = trustme.CA()
         self.ca_path = workdir / "arm-ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_path))
         self.resources: dict[str, dict] = {}     # lower-cased id -> resource JSON
         self.operations: dict[str, dict] = {}
-        self.requests: list[tuple[str, str, dict | None]] = []
-        self.faults: list[dict] = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _any(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                status, payload, headers = server.handle(self.command, self.path, dict(self.headers), body)
-                data = b"" if payload is None else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PUT = do_DELETE = do_POST = do_PATCH = _any
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self.url = f"https://127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(ctx)
 
     # -- test helpers ------------------------------------------------------------------
-    def fail(self, method: str, pattern: str, times: int, status: int = 503) -> dict:
-        fault = {"method": method, "re": re.compile(pattern), "times": times, "status": status, "hits": 0}
-        self.faults.append(fault)
-        return fault
-
     def add_gallery_image(self, sub: str, rg: str, gallery: str, name: str, generation="V2", arch="x64") -> None:
         rid = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/galleries/{gallery}/images/{name}"
         self.resources[rid.lower()] = {"id": rid, "name": name, "location": "westeurope",
@@ -96,22 +55,19 @@ class ArmServer:
         return [b for m, p, b in self.requests if m == "PUT" and kind_fragment in p]
 
     # -- the protocol ------------------------------------------------------------------
+    def fault_answer(self, status: int):
+        code = "ServerBusy" if status != 429 else "TooManyRequests"
+        return status, {"error": {"code": code, "message": "injected fault"}}, {"Retry-After": "1"}
+
     def handle(self, method: str, raw: str, headers: dict, body):
         url = urlsplit(raw)
         path = url.path.rstrip("/")
-        with self.lock:
-            self.requests.append((method, path, body))
-            for f in self.faults:
-                if f["hits"] < f["times"] and f["method"] == method and f["re"].search(path):
-                    f["hits"] += 1
-                    return f["status"], {"error": {"code": "ServerBusy" if f["status"] != 429 else "TooManyRequests",
-                                                   "message": "injected fault"}}, {"Retry-After": "1"}
         if path == "/msi/token":
-            if headers.get("X-IDENTITY-HEADER") != IDENTITY_HEADER:
+            if headers.get("x-identity-header") != IDENTITY_HEADER:
                 return 401, {"error": "bad identity header"}, {}
             return 200, {"access_token": TOKEN, "expires_on": str(int(time.time()) + 3600),
                          "resource": parse_qs(url.query).get("resource", [""])[0], "token_type": "Bearer"}, {}
-        if headers.get("Authorization") != f"Bearer {TOKEN}":
+        if headers.get("authorization") != f"Bearer {TOKEN}":
             return 401, {"error": {"code": "InvalidAuthenticationToken", "message": "no or bad bearer token"}}, {}
         if "api-version" not in url.query:
             return 400, {"error": {"code": "MissingApiVersionParameter", "message": "api-version required"}}, {}

@@ -13,75 +13,34 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import threading
 import urllib.error
 import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
-from .util import need_tool, start, stop
+from .util import JsonApiServer, need_tool, start, stop
 
 TOKEN = "local-gce-token-" + uuid.uuid4().hex
 BASE = r"/compute/v1/projects/(?P<project>[^/]+)/global"
 
 
-class GceServer:
+class GceServer(JsonApiServer):
     def __init__(self, gcs_url: str):
         self.gcs_url = gcs_url
         self.images: dict[tuple[str, str], dict] = {}
         self.operations: dict[str, dict] = {}
         self.by_request_id: dict[str, str] = {}
-        self.requests: list[tuple[str, str, dict | None]] = []
-        self.faults: list[dict] = []
-        self.lock = threading.Lock()
         self._ids = itertools.count(1000)
         self.clock = datetime(2026, 1, 1, tzinfo=timezone.utc)
         self.public_key = None
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _any(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                ctype = self.headers.get("Content-Type", "")
-                body = json.loads(raw) if raw and "json" in ctype else ({k: v[0] for k, v in parse_qs(raw.decode()).items()} if raw else None)
-                status, payload = server.handle(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = _any
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__()
 
     def reset(self) -> None:
         with self.lock:
             self.images.clear(), self.operations.clear(), self.by_request_id.clear()
             self.requests.clear(), self.faults.clear()
-
-    def fail(self, method: str, pattern: str, times: int, status: int = 503) -> dict:
-        fault = {"method": method, "re": re.compile(pattern), "times": times, "status": status, "hits": 0}
-        self.faults.append(fault)
-        return fault
 
     def adc_file(self, path: Path) -> Path:
         """A service-account Application Default Credentials file with a fresh key and
@@ -115,15 +74,12 @@ class GceServer:
         return [b for m, p, b in self.requests if m == "POST" and re.fullmatch(BASE + "/images", p)]
 
     # -- protocol ------------------------------------------------------------------------
+    def fault_answer(self, status: int):
+        return status, _error(status, "injected fault", "backendError"), {}
+
     def handle(self, method: str, raw: str, headers: dict, body):
         url = urlsplit(raw)
         path, query = url.path, parse_qs(url.query)
-        with self.lock:
-            self.requests.append((method, path, body))
-            for f in self.faults:
-                if f["hits"] < f["times"] and f["method"] == method and f["re"].search(path):
-                    f["hits"] += 1
-                    return f["status"], _error(f["status"], "injected fault", "backendError")
         if path == "/token":
             if not (body and self._authorized("Bearer " + body.get("assertion", ""))):
                 return 400, {"error": "invalid_grant"}
