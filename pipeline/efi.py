@@ -187,9 +187,10 @@ def record_artifact(paths, entry: dict, companions: tuple[str, ...] = ()) -> Non
     names carry the version, so each build would otherwise leave GBs behind).
     `companions` are suffixes of files that go with it (e.g. '.sha256')."""
     from . import manifest
+    from .files import discard
     old = manifest.artifact(paths.manifest, entry["kind"])
     manifest.add_artifacts(paths.manifest, entry)
     if old and old["path"] != entry["path"]:
         stale = paths.build / old["path"]
         for f in (stale, *(stale.with_name(stale.name + s) for s in companions)):
-            f.unlink(missing_ok=True)
+            discard(f)

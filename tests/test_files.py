@@ -97,3 +97,17 @@ def test_sha256_of_a_sparse_file_equals_reading_it_all(tmp_path):
             out.seek(off)
             out.write(b"xyz")
     assert files.hash_file(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_replacing_a_large_output_swaps_atomically_and_cleans_up(tmp_path):
+    import threading
+    final = tmp_path / "disk.raw"
+    with open(final, "wb") as f:
+        f.truncate(files.BACKGROUND_DELETE_BYTES)  # sparse: large by size, cheap to make
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"new")
+    assert final.read_bytes() == b"new"
+    for t in threading.enumerate():
+        if t.name.startswith("discard "):
+            t.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw"]
