@@ -8,7 +8,6 @@ Run: .venv/bin/python bench/release.py
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.files import hash_file as sha  # noqa: E402
 from tests.servers.github_api import GitHubAPIServer  # noqa: E402
 
 VERSION = "9.9.9"
@@ -52,13 +52,6 @@ def make_build(root: Path) -> dict[str, Path]:
                                                  "artifacts": arts}))
     return files
 
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MIB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def timed(fn) -> float:

@@ -9,7 +9,6 @@ padded to a whole GiB; the ISO and raw disk are byte-identical when rebuilt.
 Each boot logs in as root/cos on the serial console and prints its time to login."""
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import disk, efi, iso
+from pipeline.files import hash_file as sha256
 from tests.qemu import VM, Drive, missing_tools
 
 pytestmark = [pytest.mark.slow]
@@ -145,13 +145,6 @@ def test_gce_tar_is_the_raw_disk_padded(flavor_build, build_dir, tmp_path):
         while tail := b.read(64 << 20):
             assert tail.count(0) == len(tail)
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def test_iso_and_raw_rebuild_byte_identical(flavor_build, flavor_paths, build_dir, tmp_path):

@@ -2,12 +2,13 @@
 fixed VHD qemu-img makes from it, and the GCE disk.raw tar.gz, plus a manifest."""
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
 import subprocess
 from pathlib import Path
+
+from pipeline.files import hash_file as sha256
 
 MIB = 1024 * 1024
 RAW_SIZE = 64 * MIB
@@ -49,13 +50,6 @@ def make_gce_tar(raw: Path, path: Path) -> Path:
                    check=True, capture_output=True)
     return path
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MIB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_build(build: Path, flavor: str = "testflavor", seed: int = 1) -> dict:
