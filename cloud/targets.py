@@ -37,7 +37,9 @@ class AzureTarget(StrictModel):
     subscription_id: str | None = Field(None, description="defaults to $AZURE_SUBSCRIPTION_ID")
     resource_group: str
     location: str
-    storage_account: str
+    upload: Literal["page-blob", "managed-disk"] = Field(
+        "page-blob", description="page-blob: storage account -> image; managed-disk: direct upload, no storage account")
+    storage_account: str | None = Field(None, description="required for upload: page-blob")
     container: str = "cos-images"
     gallery: str | None = None
     gallery_image: str | None = None
@@ -50,6 +52,13 @@ class AzureTarget(StrictModel):
     def _gallery_pair(self) -> "AzureTarget":
         if bool(self.gallery) != bool(self.gallery_image):
             raise ValueError("gallery and gallery_image go together (the gallery and its image definition)")
+        return self
+
+    @model_validator(mode="after")
+    def _account_for_page_blob(self) -> "AzureTarget":
+        if self.upload == "page-blob" and not self.storage_account:
+            raise ValueError("upload: page-blob needs storage_account (the account that holds the VHD page blob); "
+                             "or set upload: managed-disk to upload with no storage account")
         return self
 
 
