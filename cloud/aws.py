@@ -49,11 +49,18 @@ def _aws_error(exc: Exception, what: str) -> PublishError:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         detail = f"{err.get('Code')}: {err.get('Message')}"
-        hint = ("check the IAM permissions listed in docs/clouds.md"
-                if err.get("Code") in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException") else None)
+        denied = err.get("Code") in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException") or (
+            exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403 and "Signature" not in str(err))
+        hint = "check the IAM permissions listed in docs/clouds.md" if denied else None
     else:
         detail, hint = str(exc), "check the credentials/endpoint (boto3 default chain, AWS_ENDPOINT_URL)"
     return PublishError(f"aws: {what} failed: {detail}", hint)
+
+
+def deprecate_at(days: int, now: datetime | None = None) -> datetime:
+    """now + days in UTC, whole minutes: EC2 takes YYYY-MM-DDTHH:MM:SSZ and rounds seconds."""
+    now = now or datetime.now(timezone.utc)
+    return (now.astimezone(timezone.utc) + timedelta(days=days)).replace(second=0, microsecond=0)
 
 
 def _tags(d: dict[str, str]) -> list[dict[str, str]]:
@@ -142,6 +149,9 @@ class AwsUploader(Uploader):
             steps.append("grant public launch permission")
         if self.target.share_with_accounts:
             steps.append(f"share with accounts {', '.join(self.target.share_with_accounts)}")
+        if self.target.deprecate_after_days:
+            steps.append(f"deprecate the AMIs at {deprecate_at(self.target.deprecate_after_days):%Y-%m-%dT%H:%MZ} "
+                         f"(in {self.target.deprecate_after_days} days; AMIs that have a deprecation time keep it)")
         return steps
 
     def _extents(self) -> list[tuple[int, int]]:
@@ -171,7 +181,7 @@ class AwsUploader(Uploader):
             try:
                 self.client("ec2").delete_snapshot(SnapshotId=snap["SnapshotId"])
             except ClientError as exc:
-                log.warning("aws: could not delete %s (cloud-gc removes it after a day): %s", snap["SnapshotId"], exc)
+                log.warning("aws: could not delete %s (cloud-gc removes it after clouds.retention_orphan_hours): %s", snap["SnapshotId"], exc)
         if self.target.upload == "ebs-direct":
             self._upload_ebs_direct()
         else:
@@ -340,6 +350,20 @@ class AwsUploader(Uploader):
             for region, image_id in self.images.items():  # Add is idempotent
                 self.call("ec2", "modify_image_attribute", region, ImageId=image_id,
                           LaunchPermission={"Add": perms})
+        if self.target.deprecate_after_days:
+            self._deprecate(deprecate_at(self.target.deprecate_after_days))
+
+    def _deprecate(self, at: datetime) -> None:
+        """EnableImageDeprecation on every AMI of this publish. An AMI that already shows a
+        DeprecationTime keeps it: a re-run changes nothing, and re-publishing the same
+        content later does not push its end of life further out."""
+        for region, image_id in self.images.items():
+            image = self.call("ec2", "describe_images", region, ImageIds=[image_id])["Images"][0]
+            if image.get("DeprecationTime"):
+                log.info("aws: %s in %s already deprecates at %s", image_id, region, image["DeprecationTime"])
+                continue
+            self.call("ec2", "enable_image_deprecation", region, ImageId=image_id, DeprecateAt=at)
+            log.info("aws: %s in %s deprecates at %s", image_id, region, at.isoformat())
 
     def _copy_to(self, region: str) -> str:
         found = self._image_by_name(region)
@@ -375,7 +399,7 @@ class AwsUploader(Uploader):
             images = [i for i in self.call("ec2", "describe_images", region, Owners=["self"],
                                            Filters=[{"Name": "name", "Values": [f"cos-{self.spec.flavor}-*"]}])["Images"]
                       if self._is_ours(i)]
-            items += self._orphan_snapshots(region, {i["Name"] for i in images})
+            items += self._orphan_snapshots(region, images)
             for image in select_for_gc([(i.get("CreationDate", ""), i) for i in images], keep, max_age_days):
                 snaps = [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings") or []
                          if m.get("Ebs", {}).get("SnapshotId")]
@@ -392,16 +416,20 @@ class AwsUploader(Uploader):
             return tags[TAG_FLAVOR] == self.spec.flavor
         return re.match(rf"cos-{re.escape(self.spec.flavor)}-[0-9]", image.get("Name", "")) is not None
 
-    def _orphan_snapshots(self, region: str, image_names: set[str]) -> list[GcItem]:
-        """Snapshots of this flavor left by stopped/failed runs: no image of that name,
-        and older than a day (so a publish running right now is not disturbed)."""
+    def _orphan_snapshots(self, region: str, images: list[dict]) -> list[GcItem]:
+        """Snapshots of this flavor left by stopped/failed runs: no image uses them (by name
+        tag or by block device mapping), and older than orphan_hours (so that a publish
+        running right now is not disturbed)."""
         snaps = self.call("ec2", "describe_snapshots", region, OwnerIds=["self"],
                           Filters=[{"Name": f"tag:{TAG_FLAVOR}", "Values": [self.spec.flavor]}])["Snapshots"]
-        cutoff = datetime.now(timezone.utc) - timedelta(days=1)
+        names = {i["Name"] for i in images}
+        used = {m["Ebs"]["SnapshotId"] for i in images for m in i.get("BlockDeviceMappings") or []
+                if m.get("Ebs", {}).get("SnapshotId")}
+        cutoff = datetime.now(timezone.utc) - timedelta(hours=self.orphan_hours)
         out = []
         for snap in snaps:
             tags = {t["Key"]: t["Value"] for t in snap.get("Tags", [])}
-            if tags.get(TAG_IMAGE) not in image_names and snap["StartTime"] < cutoff:
+            if tags.get(TAG_IMAGE) not in names and snap["SnapshotId"] not in used and snap["StartTime"] <= cutoff:
                 out.append(GcItem("aws", region, f"snapshot:{snap['SnapshotId']}", snap["StartTime"].isoformat(),
                                   [f"orphan of {tags.get(TAG_IMAGE)} ({snap['State']})"]))
         return out

@@ -92,6 +92,9 @@ class Uploader(ABC):
         self.dry_run = dry_run_from_env() if dry_run is None else dry_run
         self.progress: Progress | None = None
         self.created: list[str] = []   # temporary resources to remove if we fail
+        # cloud-gc: leftovers of stopped publishes (no image uses them) must be this old,
+        # so that a publish running right now is not disturbed
+        self.orphan_hours: float = 24
 
     # -- the interface each cloud implements ------------------------------------
     @abstractmethod
@@ -163,7 +166,9 @@ class Uploader(ABC):
             out["upload"] = self.progress.stats()
         return out
 
-    def gc(self, keep: int, max_age_days: int | None = None, dry_run: bool = True) -> list[GcItem]:
+    def gc(self, keep: int, max_age_days: int | None = None, dry_run: bool = True,
+           orphan_hours: float = 24) -> list[GcItem]:
+        self.orphan_hours = orphan_hours
         items = self.gc_candidates(keep, max_age_days)
         for item in items:
             what = ", ".join([item.image, *item.extras])

@@ -24,12 +24,21 @@ class AwsTarget(StrictModel):
     workers: int = Field(16, ge=1, le=128)
     import_timeout_minutes: int = Field(90, ge=1, description="deadline for ImportSnapshot (s3-import)")
     wait_minutes: int = Field(30, ge=1, description="deadline for snapshots/images/copies to become available")
+    deprecate_after_days: int | None = Field(
+        None, ge=1, le=3650, description="EnableImageDeprecation on every AMI this many days after its publish "
+                                         "(AWS allows up to 10 years; 2 for public AMIs)")
     tags: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _bucket_for_import(self) -> "AwsTarget":
         if self.upload == "s3-import" and not self.bucket:
             raise ValueError("upload: s3-import needs a bucket (the S3 bucket to stage the raw disk in)")
+        return self
+
+    @model_validator(mode="after")
+    def _public_deprecation(self) -> "AwsTarget":
+        if self.public and self.deprecate_after_days and self.deprecate_after_days > 730:
+            raise ValueError("deprecate_after_days: AWS allows at most 730 (2 years) for public AMIs")
         return self
 
 
@@ -85,3 +94,5 @@ class CloudTargets(StrictModel):
     gcp: GcpTarget | None = None
     retention_keep: int = Field(5, ge=1, description="cloud-gc keeps this many newest images per flavor")
     retention_max_age_days: int | None = Field(None, ge=0, description="cloud-gc deletes only images also older than this")
+    retention_orphan_hours: int = Field(24, ge=0, description="cloud-gc deletes leftover snapshots/blobs of stopped "
+                                                              "publishes only once they are this old (0: at once)")

@@ -133,7 +133,8 @@ def gc(ctxs, apply: bool = False) -> list:
             spec = ImageSpec(flavor=ctx.name, version=ctx.version, arch=ctx.flavor.arch,
                              disk=Path("-"), disk_sha256="0" * 64)
             uploader = uploader_class(cloud)(getattr(clouds, cloud), spec, dry_run=not apply)
-            items += uploader.gc(clouds.retention_keep, clouds.retention_max_age_days, dry_run=not apply)
+            items += uploader.gc(clouds.retention_keep, clouds.retention_max_age_days, dry_run=not apply,
+                                 orphan_hours=clouds.retention_orphan_hours)
     if not apply:
         log.info("cloud-gc: dry run, %d image(s) would be deleted; run `doit cloud-gc --apply` to delete", len(items))
     return items

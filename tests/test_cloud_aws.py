@@ -3,19 +3,28 @@ recording/fault-injecting proxy): EBS direct upload whose blocks read back equal
 disk and skip holes/zero blocks, the RegisterImage request actually sent (UEFI, ENA,
 arch, IMDSv2, TPM, block device mapping, tags), idempotent re-runs, copies to a second
 region, launch permissions, the S3 + ImportSnapshot fallback, retries of throttling and
-5xx answers, cleanup on failure, a killed-then-rerun publish, dry run and cloud-gc."""
+5xx answers, cleanup on failure, a killed-then-rerun publish, dry run, EnableImageDeprecation
+on every AMI (set once), and cloud-gc (images beyond the rule; orphan snapshots of stopped
+publishes once older than clouds.retention_orphan_hours, never another flavor's or a live
+image's)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 
+import boto3
 import pytest
 
+from cloud.aws import deprecate_at
 from cloud.errors import PublishError
 from pipeline import publish
+from pipeline.graph import FlavorContext
+from tests.servers.aws import ImageDeprecations
 from tests.servers.disks import nonzero_ranges
 from tests.servers.fixtures import aws, cloud_build_dir, flavor_paths, make_flavor, moto_server, server_logs  # noqa: F401
 from tests.servers.proxy import EC2_THROTTLE, JSON_THROTTLE, SERVER_ERROR, Reply
@@ -293,3 +302,107 @@ def test_doit_publish_task_then_up_to_date(aws, cloud_build_dir):
 
     gc = run_dodo("cloud-gc", env=env)
     assert gc.returncode == 0 and "dry run, 0 image(s)" in gc.stderr
+
+
+def _region_of(req) -> str:
+    return req.headers["authorization"].split("Credential=")[1].split("/")[2]
+
+
+def test_every_ami_gets_a_deprecation_time_once(aws, cloud_build_dir, monkeypatch):
+    deprecations = ImageDeprecations(aws.moto, aws.proxy.forward)  # moto lacks EnableImageDeprecation
+    aws.proxy.handlers.append(deprecations)
+    flavor = aws_flavor(name="deprecated", deprecate_after_days=30)
+    paths = flavor_paths(flavor)
+
+    monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
+    plan = publish.publish_cloud(flavor, paths, "0.1.0", "aws")["plan"]
+    (step,) = [s for s in plan if s.startswith("deprecate the AMIs at ")]
+    planned = datetime.strptime(step.split(" at ")[1].split(" ")[0], "%Y-%m-%dT%H:%MZ").replace(tzinfo=timezone.utc)
+    assert abs(planned - (datetime.now(timezone.utc) + timedelta(days=30))) < timedelta(minutes=2)
+    assert aws.actions("EnableImageDeprecation") == []
+    monkeypatch.delenv("COS_PUBLISH_DRY_RUN")
+
+    before = datetime.now(timezone.utc)
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    after = datetime.now(timezone.utc)
+    sent = aws.actions("EnableImageDeprecation")
+    # one call per AMI, in the AMI's own region, after the copy exists
+    assert {_region_of(r): r.form["ImageId"] for r in sent} == result["images"] and len(sent) == 2
+    for req in sent:
+        text = req.form["DeprecateAt"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:00Z", text), text  # UTC, whole minutes
+        at = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        assert before + timedelta(days=30, minutes=-1) < at <= after + timedelta(days=30)
+    first_copy = next(i for i, r in enumerate(aws.proxy.requests) if r.action == "CopyImage")
+    assert aws.proxy.requests.index(sent[0]) > first_copy
+    # EC2 (here: moto + the handler) reports it on the image, as the product reads it
+    ec2 = boto3.client("ec2", region_name="eu-west-1")  # via AWS_ENDPOINT_URL -> proxy
+    (img,) = ec2.describe_images(ImageIds=[result["images"]["eu-west-1"]])["Images"]
+    assert img["DeprecationTime"] == deprecations.times[result["images"]["eu-west-1"]]
+
+    # re-run: the AMIs already have a deprecation time, which is kept (no write at all)
+    again = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    assert again["images"] == result["images"] and len(aws.actions("EnableImageDeprecation")) == 2
+
+
+def test_deprecation_limits_are_checked_when_the_flavor_loads():
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="730"):
+        aws_flavor(public=True, deprecate_after_days=800)
+    with pytest.raises(ValidationError, match="deprecate_after_days"):
+        aws_flavor(deprecate_after_days=0)
+    assert deprecate_at(1, datetime(2026, 11, 26, 23, 59, 59, 999, tzinfo=timezone.utc)) == \
+        datetime(2026, 11, 27, 23, 59, tzinfo=timezone.utc)
+
+
+def _snapshot_ids(moto, flavor: str) -> set[str]:
+    snaps = moto.client("ec2").describe_snapshots(
+        OwnerIds=["self"], Filters=[{"Name": "tag:cos-flavor", "Values": [flavor]}])["Snapshots"]
+    return {s["SnapshotId"] for s in snaps}
+
+
+def test_gc_deletes_orphan_snapshots_once_old_enough(aws, cloud_build_dir):
+    """moto cannot age a snapshot: the age rule is checked with the default (24 h: nothing
+    fresh is touched) and with clouds.retention_orphan_hours: 0 (everything orphaned goes)."""
+    flavor = aws_flavor(name="orphans", regions=["us-east-1"])
+    paths = flavor_paths(flavor)
+    live = publish.publish_cloud(flavor, paths, "0.1.0", "aws")  # its snapshot backs a live image
+    ebs = aws.moto.client("ebs")
+
+    def tags(flavor_name: str, image: str, **extra) -> list[dict]:
+        return [{"Key": k, "Value": v} for k, v in {"cos-flavor": flavor_name, "cos-image": image, **extra}.items()]
+
+    # a killed publish: StartSnapshot with the flavor's tags, never completed
+    killed = ebs.start_snapshot(VolumeSize=1, Tags=tags("orphans", "cos-orphans-0.2.0-x86_64-aaaaaaaaaaaa"))["SnapshotId"]
+    # a publish that finished its upload but stopped before RegisterImage
+    done = ebs.start_snapshot(VolumeSize=1, Tags=tags("orphans", "cos-orphans-0.3.0-x86_64-bbbbbbbbbbbb",
+                                                       **{"cos-uploaded": "b" * 16}))["SnapshotId"]
+    block = b"\1" * BLOCK
+    import base64
+    import hashlib
+    ebs.put_snapshot_block(SnapshotId=done, BlockIndex=0, BlockData=block, DataLength=BLOCK, ChecksumAlgorithm="SHA256",
+                           Checksum=base64.b64encode(hashlib.sha256(block).digest()).decode())
+    ebs.complete_snapshot(SnapshotId=done, ChangedBlocksCount=1)
+    # another flavor's leftover, just as orphaned
+    other = ebs.start_snapshot(VolumeSize=1, Tags=tags("otherflavor", "cos-otherflavor-0.1.0-x86_64-cccccccccccc"))["SnapshotId"]
+    everything = _snapshot_ids(aws.moto, "orphans") | {other}
+    assert everything == {live["snapshot"], killed, done, other}
+
+    default = FlavorContext(make_flavor({"aws": {"regions": ["us-east-1"]}}, name="orphans"), paths, "0.1.0")
+    assert publish.gc([default]) == []
+    assert publish.gc([default], apply=True) == []
+    assert _snapshot_ids(aws.moto, "orphans") | {other} == everything  # nothing fresh is touched
+
+    at_once = FlavorContext(make_flavor({"aws": {"regions": ["us-east-1"]}, "retention_orphan_hours": 0},
+                                        name="orphans"), paths, "0.1.0")
+    listed = publish.gc([at_once])
+    assert sorted(i.image for i in listed) == sorted([f"snapshot:{killed}", f"snapshot:{done}"])
+    assert any("cos-orphans-0.2.0" in e for i in listed for e in i.extras)
+    assert _snapshot_ids(aws.moto, "orphans") | {other} == everything  # dry run
+    assert aws.actions("DeleteSnapshot") == [] and aws.actions("DeregisterImage") == []
+
+    publish.gc([at_once], apply=True)
+    assert _snapshot_ids(aws.moto, "orphans") == {live["snapshot"]}
+    assert _snapshot_ids(aws.moto, "otherflavor") == {other}
+    assert len(images_named(aws.moto, "us-east-1", live["name"])) == 1
+    assert publish.gc([at_once]) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import base64
 import itertools
+import os
 import threading
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -24,12 +25,15 @@ BLOCK = 512 * 1024
 
 
 class MotoServer:
-    def __init__(self, logdir: Path):
+    """moto_server on a free port. env adds to its environment, e.g.
+    {"INITIAL_NO_AUTH_ACTION_COUNT": "3"}: IAM is enforced after the first 3 requests."""
+
+    def __init__(self, logdir: Path, env: dict[str, str] | None = None, name: str = "moto"):
         exe = need_tool(REPO / ".venv/bin/moto_server", "moto_server", "pip install 'moto[server]==5.2.5'")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = start([exe, "-H", "127.0.0.1", "-p", str(self.port)], self.port, "moto_server",
-                          logdir / "moto.log")
+                          logdir / f"{name}.log", env={**os.environ, **(env or {})})
 
     def reset(self) -> None:
         import urllib.request
@@ -121,3 +125,39 @@ def _region(req: Request) -> str:
         return auth.split("Credential=")[1].split("/")[2]
     except IndexError:
         return "us-east-1"
+
+
+class ImageDeprecations:
+    """Handler for FaultProxy.handlers: moto 5.2.5 answers EnableImageDeprecation with a
+    500 (not implemented). This answers it as EC2 does (for images that exist in moto),
+    remembers the time, and adds it as deprecationTime to moto's DescribeImages answers,
+    so the product's describe-first check sees what it set."""
+
+    def __init__(self, moto: MotoServer, forward):
+        self.moto = moto
+        self.forward = forward          # FaultProxy.forward: hands a request to moto
+        self.times: dict[str, str] = {}  # image id -> DeprecateAt as sent
+
+    def __call__(self, req: Request) -> Reply | None:
+        if req.action == "EnableImageDeprecation":
+            image_id, at = req.form["ImageId"], req.form["DeprecateAt"]
+            try:
+                self.moto.client("ec2", _region(req)).describe_images(ImageIds=[image_id])
+            except Exception:  # noqa: BLE001 - moto says it does not exist
+                return Reply(400, _error("InvalidAMIID.NotFound", f"The image id '[{image_id}]' does not exist"),
+                             {"Content-Type": "text/xml;charset=UTF-8"})
+            self.times[image_id] = at
+            return _xml("EnableImageDeprecation", "<return>true</return>")
+        if req.action == "DescribeImages" and self.times:
+            reply = self.forward(req)
+            body = reply.body.decode()
+            for image_id, at in self.times.items():
+                body = body.replace(f"<imageId>{image_id}</imageId>",
+                                    f"<imageId>{image_id}</imageId><deprecationTime>{escape(at)}</deprecationTime>")
+            return Reply(reply.status, body.encode(), reply.headers)
+        return None
+
+
+def _error(code: str, message: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+            f'<Message>{escape(message)}</Message></Error></Errors><RequestID>local</RequestID></Response>').encode()
