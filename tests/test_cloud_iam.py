@@ -177,11 +177,15 @@ def test_the_documented_policy_publishes_and_collects(publisher):
     assert user.snapshots() == {second["snapshot"]}  # with its snapshot, and the orphan
 
 
+FAST = {"ebs:PutSnapshotBlock", "ec2:RegisterImage", "ec2:DeregisterImage"}  # one per service/step; the rest: slow
+
+
 def _actions():
     try:
-        return policy_actions(doc_policy())
+        actions = policy_actions(doc_policy())
     except (AssertionError, OSError, ValueError):
-        return ["(docs/clouds.md has no readable AWS policy)"]
+        actions = ["(docs/clouds.md has no readable AWS policy)"]
+    return [pytest.param(a, marks=() if a in FAST else pytest.mark.slow) for a in actions]
 
 
 @pytest.mark.parametrize("action", _actions())
