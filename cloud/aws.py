@@ -25,17 +25,16 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .base import TAG_FLAVOR, TAG_IMAGE, GcItem, ImageSpec, Uploader, require_file, select_for_gc, wait_until
-from .disk import blocks_with_data, data_extents, for_each_block, is_zero, read_block
+from . import ebs_direct
+from .disk import blocks_with_data, data_extents
 from .errors import PublishError
 from .progress import Progress
 from .targets import AwsTarget
 
 log = logging.getLogger("cos.cloud.aws")
 
-BLOCK = 512 * 1024          # EBS direct block size
 GIB = 1024 ** 3
 TAG_UPLOADED = "cos-uploaded"  # set on a snapshot once all its blocks are in
-SNAPSHOT_APPEAR_S = 120     # "snapshot does not exist" right after StartSnapshot: retry this long
 ARCH = {"x86_64": "x86_64", "arm64": "arm64"}
 
 
@@ -201,59 +200,31 @@ class AwsUploader(Uploader):
     def _upload_ebs_direct(self) -> None:
         fd = os.open(self.spec.disk, os.O_RDONLY)
         try:
-            indexes = list(blocks_with_data(fd, self.size, BLOCK))
-            started = self.call("ebs", "start_snapshot", VolumeSize=max(1, -(-self.size // GIB)),
-                                ClientToken=str(uuid.uuid4()),  # makes botocore's retries of this call safe
-                                Description=f"{self.spec.name} ({self.spec.description})"[:255],
-                                Tags=_tags(self.tags), Timeout=60)
-            self.snapshot_id = started["SnapshotId"]
-            self.created.append(f"snapshot:{self.snapshot_id}")
-            # All-zero blocks read back as zeros from an unencrypted snapshot without a
-            # parent, so skipping them is safe there; for encrypted ones only holes are skipped.
-            skip_zero = not started.get("KmsKeyArn")
-            self.progress = Progress(f"aws ebs-direct {self.snapshot_id}", len(indexes) * BLOCK)
-            digests = self._put_blocks(fd, indexes, skip_zero)
+            indexes = list(blocks_with_data(fd, self.size, ebs_direct.BLOCK))
         finally:
             os.close(fd)
+        started = self.call("ebs", "start_snapshot", VolumeSize=max(1, -(-self.size // GIB)),
+                            ClientToken=str(uuid.uuid4()),  # makes botocore's retries of this call safe
+                            Description=f"{self.spec.name} ({self.spec.description})"[:255],
+                            Tags=_tags(self.tags), Timeout=60)
+        self.snapshot_id = started["SnapshotId"]
+        self.created.append(f"snapshot:{self.snapshot_id}")
+        creds = self.session.get_credentials().get_frozen_credentials()
+        processes = self.target.processes
+        job = ebs_direct.Job(
+            path=str(self.spec.disk), size=self.size, snapshot_id=self.snapshot_id, region=self.region,
+            endpoint_url=self.client("ebs").meta.endpoint_url, credentials=(creds.access_key, creds.secret_key, creds.token),
+            threads=max(1, -(-self.target.workers // processes)),
+            # All-zero blocks read back as zeros from an unencrypted snapshot without a
+            # parent, so skipping them is safe there; for encrypted ones only holes are skipped.
+            skip_zero=not started.get("KmsKeyArn"))
+        self.progress = Progress(f"aws ebs-direct {self.snapshot_id}", len(indexes) * ebs_direct.BLOCK)
+        digests = ebs_direct.upload_blocks(job, indexes, processes, self.progress.add, client=self.client("ebs"))
         self.progress.done()
         ordered = b"".join(digests[i] for i in sorted(digests))
         self.call("ebs", "complete_snapshot", SnapshotId=self.snapshot_id, ChangedBlocksCount=len(digests),
                   Checksum=base64.b64encode(hashlib.sha256(ordered).digest()).decode(),
                   ChecksumAlgorithm="SHA256", ChecksumAggregationMethod="LINEAR")
-
-    def _put_blocks(self, fd: int, indexes: list[int], skip_zero: bool) -> dict[int, bytes]:
-        digests: dict[int, bytes] = {}
-        ebs = self.client("ebs")
-
-        def put(index: int) -> None:
-            data = read_block(fd, index, BLOCK, self.size)
-            if skip_zero and is_zero(data):
-                return
-            digest = hashlib.sha256(data).digest()
-            self._put_block(ebs, index, data, base64.b64encode(digest).decode())
-            digests[index] = digest
-            self.progress.add(len(data))
-
-        for_each_block(indexes, put, self.target.workers, "ebs-put")
-        return digests
-
-    def _put_block(self, ebs, index: int, data: bytes, checksum: str) -> None:
-        deadline = time.monotonic() + SNAPSHOT_APPEAR_S
-        delay = 0.5
-        while True:
-            try:
-                ebs.put_snapshot_block(SnapshotId=self.snapshot_id, BlockIndex=index, BlockData=data,
-                                       DataLength=BLOCK, Checksum=checksum, ChecksumAlgorithm="SHA256")
-                return
-            except ClientError as exc:
-                # Right after StartSnapshot the snapshot may not be visible yet.
-                if exc.response["Error"]["Code"] == "ResourceNotFoundException" and time.monotonic() < deadline:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 10)
-                    continue
-                raise _aws_error(exc, f"PutSnapshotBlock {index} of {self.snapshot_id}") from exc
-            except BotoCoreError as exc:
-                raise _aws_error(exc, f"PutSnapshotBlock {index} of {self.snapshot_id}") from exc
 
     def _upload_s3_import(self) -> None:
         bucket = self.target.bucket

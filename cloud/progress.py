@@ -24,10 +24,10 @@ class Progress:
         self._end: float | None = None
         log.info("%s: sending %.1f MB", label, total / MB)
 
-    def add(self, nbytes: int) -> None:
+    def add(self, nbytes: int, requests: int = 1) -> None:
         with self._lock:
             self.sent += nbytes
-            self.requests += 1
+            self.requests += requests
             now = time.monotonic()
             if now - self._last < self.every_s:
                 return

@@ -21,7 +21,9 @@ class AwsTarget(StrictModel):
     imds_v2: bool = True
     volume_type: Literal["gp3", "gp2", "io1", "io2"] = "gp3"
     root_device: Literal["/dev/xvda", "/dev/sda1"] = "/dev/xvda"
-    workers: int = Field(16, ge=1, le=128)
+    workers: int = Field(16, ge=1, le=128, description="EBS direct blocks in flight, over all processes")
+    processes: int = Field(1, ge=1, le=64, description="EBS direct worker processes for uploads of 128 MiB "
+                           "or more: one Python process sends ~350 MB/s per core at most; more help on idle cores")
     import_timeout_minutes: int = Field(90, ge=1, description="deadline for ImportSnapshot (s3-import)")
     wait_minutes: int = Field(30, ge=1, description="deadline for snapshots/images/copies to become available")
     deprecate_after_days: int | None = Field(

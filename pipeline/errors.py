@@ -9,6 +9,9 @@ class PipelineError(Exception):
         self.hint = hint
         super().__init__(message if not hint else f"{message}\n  hint: {hint}")
 
+    def __reduce__(self):  # keep message and hint apart across processes (cloud uploads)
+        return type(self), (self.message, self.hint)
+
 
 class ConfigError(PipelineError):
     """A flavor file is wrong; raised before anything is built."""
