@@ -7,19 +7,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
+from pipeline.files import data_extents as extents
+
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(start, end) byte ranges that hold data; holes are skipped. Falls back to one
-    extent when the filesystem does not report holes."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:       # ENXIO: only a hole up to EOF
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end
-        pos = end
+    """(start, end) byte ranges that hold data, up to `size`; holes are skipped. A
+    filesystem that does not report holes gives one extent."""
+    for start, length in extents(fd, size):
+        yield start, min(start + length, size)
 
 
 def blocks_with_data(fd: int, size: int, block: int) -> Iterator[int]:
