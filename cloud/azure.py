@@ -1,11 +1,15 @@
-"""Azure: fixed VHD -> page blob (only non-zero 4 MiB ranges) -> managed image
-(Hyper-V generation V2, for UEFI) -> Compute Gallery image version when configured.
+"""Azure: fixed VHD -> page blob in a storage account (upload: page-blob, the default) or
+a managed disk made for direct upload (upload: managed-disk, no storage account) ->
+managed image (Hyper-V generation V2, for UEFI) -> Compute Gallery image version when
+configured. Either way only the VHD's non-zero 4 MiB ranges are written (page blobs and
+upload disks start zeroed).
 
 Credentials: azure-identity's DefaultAzureCredential (environment, workload or managed
 identity, Azure CLI...). Storage: $AZURE_STORAGE_CONNECTION_STRING when it names the
-target's account, else the account's default endpoint with the same credential. ARM:
-the public endpoint unless $COS_AZURE_ARM_ENDPOINT names another (sovereign clouds,
-Azure Stack, tests). Nothing here prints credentials.
+target's account, else the account's default endpoint with the same credential. A
+managed disk is written through the SAS URL its write access grant returns. ARM: the
+public endpoint unless $COS_AZURE_ARM_ENDPOINT names another (sovereign clouds, Azure
+Stack, tests). Nothing here prints credentials or SAS URLs.
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ import logging
 import os
 import re
 import struct
+from abc import ABC, abstractmethod
 from typing import Any
 
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
-from azure.storage.blob import BlobServiceClient, ExponentialRetry
+from azure.storage.blob import BlobClient, BlobServiceClient, ExponentialRetry
 
 from .base import TAG_CREATED, TAG_FLAVOR, GcItem, ImageSpec, Uploader, require_file, select_for_gc
 from .disk import blocks_with_data, for_each_block, is_zero, read_block
@@ -30,14 +35,31 @@ ARM_ENDPOINT_ENV = "COS_AZURE_ARM_ENDPOINT"
 CHUNK = 4 * 1024 * 1024       # largest Put Page
 MIB = 1024 * 1024
 META_SHA = "cos_sha256"       # set on the blob once every page is in
+TAG_UPLOADED = "cos-uploaded"  # set on a managed disk once every page is in and access is revoked
+MIN_UPLOAD_BYTES = 20 * MIB + 512  # smallest upload_size_bytes ARM takes (20 MiB + footer)
+SAS_SECONDS = 6 * 3600        # write access lifetime; revoked as soon as the pages are in
+ACTIVE_SAS = ("ActiveUpload", "ActiveSAS", "ActiveSASFrozen")  # states that need endGetAccess first
 ARCH = {"x86_64": "x64", "arm64": "Arm64"}
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+DISK_ID_RE = re.compile(r"/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Compute/disks/(?P<name>[^/]+)$", re.I)
 POLL_S = 1                    # LRO poll interval when ARM sends no Retry-After (SDK default: 30 s)
 
 
 def _meta(tags: dict[str, str]) -> dict[str, str]:
     """Blob metadata names must be C# identifiers: cos-flavor -> cos_flavor."""
     return {re.sub(r"\W", "_", k): v for k, v in tags.items()}
+
+
+def _blob_kw() -> dict[str, Any]:
+    # Short back-off: the SDK's default waits 15 s before the first retry of a page.
+    return {"retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=8),
+            "max_single_put_size": CHUNK}
+
+
+def _state(disk) -> str | None:
+    """A disk's diskState as plain text (the SDK may give a str enum)."""
+    state = disk.disk_state
+    return getattr(state, "value", state)
 
 
 def _azure_error(exc: Exception, what: str) -> PublishError:
@@ -70,12 +92,11 @@ class AzureUploader(Uploader):
         super().__init__(target, spec, dry_run=dry_run)
         self._credential = credential
         self.tags = {**spec.tags, **target.tags}
-        self.blob_name = f"{spec.name}.vhd"
         self.image: Any = None
         self.version: Any = None
-        self.blob_created = False
         self._compute = None
         self.use_gallery = bool(target.gallery)
+        self.source: DiskSource = (ManagedDiskSource if target.upload == "managed-disk" else PageBlobSource)(self)
 
     # -- clients -------------------------------------------------------------------
     @property
@@ -102,9 +123,6 @@ class AzureUploader(Uploader):
         return self._compute
 
     def blob_service(self) -> BlobServiceClient:
-        # Short back-off: the SDK's default waits 15 s before the first retry of a page.
-        kw = {"retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=8),
-              "max_single_put_size": CHUNK}
         conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
         if conn:
             account = dict(p.split("=", 1) for p in conn.split(";") if "=" in p).get("AccountName")
@@ -112,11 +130,11 @@ class AzureUploader(Uploader):
                 raise PublishError(f"azure: $AZURE_STORAGE_CONNECTION_STRING is for account {account!r}, "
                                    f"the target wants {self.target.storage_account!r}",
                                    "unset it to use the target's account with your Azure login")
-            return BlobServiceClient.from_connection_string(conn, **kw)
+            return BlobServiceClient.from_connection_string(conn, **_blob_kw())
         # The SDK fills in the public endpoint suffix for the account.
         return BlobServiceClient.from_connection_string(
             f"DefaultEndpointsProtocol=https;AccountName={self.target.storage_account}",
-            credential=self.credential, **kw)
+            credential=self.credential, **_blob_kw())
 
     def arm(self, what: str, fn, *args, **kw):
         try:
@@ -124,13 +142,17 @@ class AzureUploader(Uploader):
         except (AzureError, HttpResponseError) as exc:
             raise _azure_error(exc, what) from exc
 
+    def arm_wait(self, what: str, fn, *args, **kw):
+        """Start an ARM long-running operation and wait for it with our own deadline."""
+        return self._finish(self.arm(what, fn, *args, polling_interval=POLL_S, **kw), what)
+
     # -- preflight / lookups -------------------------------------------------------
     def preflight(self) -> None:
         self.size = require_file(self.spec.disk, "azure", "azure-vhd")
         check_fixed_vhd(self.spec.disk, self.size)
         if self.spec.arch not in ARCH:
             raise PublishError(f"azure: architecture {self.spec.arch!r} is not supported (x86_64, arm64)")
-        self.blob = self.blob_service().get_container_client(self.target.container).get_blob_client(self.blob_name)
+        self.source.preflight()
         if self.target.gallery and not VERSION_RE.match(self.spec.version):
             # Gallery versions are MAJOR.MINOR.PATCH and immutable: dev builds (1.2.3-gabc) get the image only.
             log.warning("azure: version %s is not MAJOR.MINOR.PATCH: no gallery image version for this build "
@@ -161,27 +183,15 @@ class AzureUploader(Uploader):
             return True
         return False
 
-    def _blob_complete(self) -> bool:
-        try:
-            props = self.blob.get_blob_properties()
-        except ResourceNotFoundError:
-            return False
-        except AzureError as exc:
-            raise _azure_error(exc, f"read blob {self.blob_name}") from exc
-        return props.metadata.get(META_SHA) == self.spec.disk_sha256
-
     def plan(self) -> list[str]:
         t = self.target
         steps = []
         if self.find_existing():
             steps.append(f"reuse image {self.image.id}")
         else:
-            if self._blob_complete():
-                steps.append(f"reuse uploaded blob {self.blob.url}")
-            else:
-                steps.append(f"upload {self.spec.disk.name} ({self.size / 1e6:.1f} MB nominal; zero 4 MiB ranges skipped) "
-                             f"to page blob {self.blob.url}")
-            steps.append(f"create image {self.spec.name} (HyperVGeneration V2) in {t.resource_group}/{t.location}")
+            steps += self.source.plan()
+            steps.append(f"create image {self.spec.name} (HyperVGeneration V2) from the {self.source.kind} "
+                         f"in {t.resource_group}/{t.location}")
         if self.use_gallery:
             steps.append(f"create gallery image version {t.gallery}/{t.gallery_image}/{self.spec.version} "
                          f"in {', '.join([t.location, *t.replica_locations])} (unless it exists)")
@@ -189,47 +199,27 @@ class AzureUploader(Uploader):
 
     # -- upload ------------------------------------------------------------------
     def upload(self) -> None:
-        if self._blob_complete():
-            log.info("azure: blob %s holds this disk already; reusing it", self.blob_name)
-            return
-        container = self.blob_service().get_container_client(self.target.container)
-        try:
-            container.create_container()
-        except ResourceExistsError:
-            pass
-        except AzureError as exc:
-            raise _azure_error(exc, f"create container {self.target.container}") from exc
-        meta = _meta(self.tags)
-        try:
-            self.blob.create_page_blob(self.size, metadata=meta, if_none_match="*")
-        except ResourceExistsError:  # an unfinished upload of an earlier run: start it over
-            log.info("azure: blob %s is incomplete (earlier run stopped); recreating it", self.blob_name)
-            self.arm(f"recreate page blob {self.blob_name}", self.blob.create_page_blob, self.size, metadata=meta)
-        except AzureError as exc:
-            raise _azure_error(exc, f"create page blob {self.blob_name}") from exc
-        self.blob_created = True
-        self._put_pages()
-        # Marks the blob as whole; a killed run's blob never gets this.
-        self.arm(f"set metadata of {self.blob_name}", self.blob.set_blob_metadata,
-                 {**meta, META_SHA: self.spec.disk_sha256})
+        self.source.upload()
 
-    def _put_pages(self) -> None:
+    def write_pages(self, blob: BlobClient, label: str) -> None:
+        """Write the VHD's non-zero 4 MiB ranges to a page blob of its size (a storage
+        account blob or a managed disk's upload SAS); zero ranges stay zero."""
         fd = os.open(self.spec.disk, os.O_RDONLY)
         try:
             chunks = list(blocks_with_data(fd, self.size, CHUNK))
-            self.progress = Progress(f"azure page blob {self.blob_name}", min(len(chunks) * CHUNK, self.size))
+            self.progress = Progress(label, min(len(chunks) * CHUNK, self.size))
 
             def put(index: int) -> None:
                 offset = index * CHUNK
                 data = read_block(fd, index, CHUNK, self.size)[:self.size - offset]
-                if is_zero(data):  # page blobs start zeroed
+                if is_zero(data):
                     return
-                self.blob.upload_page(data, offset=offset, length=len(data))
+                blob.upload_page(data, offset=offset, length=len(data))
                 self.progress.add(len(data))
 
             for_each_block(chunks, put, self.target.workers, "azure-page")
         except AzureError as exc:
-            raise _azure_error(exc, f"upload pages of {self.blob_name}") from exc
+            raise _azure_error(exc, f"upload pages of {label}") from exc
         finally:
             os.close(fd)
         self.progress.done()
@@ -240,10 +230,9 @@ class AzureUploader(Uploader):
         t = self.target
         image = Image(location=t.location, hyper_v_generation="V2", tags=self.tags,
                       storage_profile=ImageStorageProfile(os_disk=ImageOSDisk(
-                          os_type="Linux", os_state="Generalized", blob_uri=self.blob.url)))
-        poller = self.arm(f"create image {self.spec.name}", self.compute.images.begin_create_or_update,
-                          t.resource_group, self.spec.name, image, polling_interval=POLL_S)
-        self.image = self._finish(poller, f"image {self.spec.name}")
+                          os_type="Linux", os_state="Generalized", **self.source.image_os_disk())))
+        self.image = self.arm_wait(f"create image {self.spec.name}", self.compute.images.begin_create_or_update,
+                                   t.resource_group, self.spec.name, image)
         log.info("azure: created image %s", self.image.id)
 
     def _finish(self, poller, what: str):
@@ -279,29 +268,27 @@ class AzureUploader(Uploader):
                                    "gallery versions are immutable: bump the flavor's version")
             self.version = existing
             return
+        # The version's source is the managed image for both upload paths. The gallery docs
+        # list a managed image as an image source (a managed disk only as an osDiskImage
+        # snapshot-style source), and one source kind keeps the immutability check above
+        # and cloud-gc's order (versions, then images, then disks/blobs) the same.
         version = GalleryImageVersion(
             location=t.location, tags=self.tags,
             storage_profile=GalleryImageVersionStorageProfile(source=GalleryArtifactVersionFullSource(id=self.image.id)),
             publishing_profile=GalleryImageVersionPublishingProfile(
                 target_regions=[TargetRegion(name=r) for r in [t.location, *t.replica_locations]]))
-        poller = self.arm(f"create gallery image version {where}", ops.begin_create_or_update,
-                          t.resource_group, t.gallery, t.gallery_image, self.spec.version, version,
-                          polling_interval=POLL_S)
-        self.version = self._finish(poller, f"gallery image version {where}")
+        self.version = self.arm_wait(f"create gallery image version {where}", ops.begin_create_or_update,
+                                     t.resource_group, t.gallery, t.gallery_image, self.spec.version, version)
         log.info("azure: created gallery image version %s", self.version.id)
 
     def cleanup(self, failed: bool) -> None:
-        # The blob is the image's source: keep it (cloud-gc removes it with the image).
-        # A half-uploaded blob of a failed run is removed.
-        if failed and self.blob_created and self.image is None:
-            try:
-                self.blob.delete_blob()
-            except AzureError as exc:
-                log.warning("azure: could not delete %s: %s", self.blob_name, exc)
+        # The blob/disk is the image's source: keep it (cloud-gc removes it with the image).
+        # A half-made one of a failed run is removed.
+        if failed and self.source.made and self.image is None:
+            self.source.discard()
 
     def result(self) -> dict[str, Any]:
-        out = {"name": self.spec.name, "images": {self.target.location: self.image.id},
-               "blob": self.blob.url if hasattr(self, "blob") else None}
+        out = {"name": self.spec.name, "images": {self.target.location: self.image.id}, **self.source.result()}
         if self.version is not None:
             out["gallery_image_version"] = {"id": self.version.id,
                                             "regions": [self.target.location, *self.target.replica_locations]}
@@ -314,9 +301,11 @@ class AzureUploader(Uploader):
                   if (i.tags or {}).get(TAG_FLAVOR) == self.spec.flavor]
         items: list[GcItem] = []
         for image in select_for_gc([((i.tags or {}).get(TAG_CREATED, ""), i) for i in images], keep, max_age_days):
-            uri = image.storage_profile.os_disk.blob_uri if image.storage_profile and image.storage_profile.os_disk else None
+            os_disk = image.storage_profile.os_disk if image.storage_profile else None
+            # an image's source: a page blob URL or a managed disk id, whichever path made it
+            source = os_disk and (os_disk.blob_uri or (os_disk.managed_disk.id if os_disk.managed_disk else None))
             items.append(GcItem("azure", t.resource_group, image.name, (image.tags or {}).get(TAG_CREATED, ""),
-                                [uri] if uri else []))
+                                [source] if source else []))
         if t.gallery:
             versions = [v for v in self.arm("list gallery image versions", lambda: list(
                 self.compute.gallery_image_versions.list_by_gallery_image(t.resource_group, t.gallery, t.gallery_image)))
@@ -330,20 +319,240 @@ class AzureUploader(Uploader):
     def gc_delete(self, item: GcItem) -> None:
         t = self.target
         if item.image.startswith("version:"):
-            self._finish(self.arm("delete gallery image version", self.compute.gallery_image_versions.begin_delete,
-                                  t.resource_group, t.gallery, t.gallery_image, item.image.split(":", 1)[1],
-                                  polling_interval=POLL_S),
-                         f"deletion of {item.image}")
+            self.arm_wait(f"delete gallery image version {item.image}", self.compute.gallery_image_versions.begin_delete,
+                          t.resource_group, t.gallery, t.gallery_image, item.image.split(":", 1)[1])
             return
-        self._finish(self.arm(f"delete image {item.image}", self.compute.images.begin_delete, t.resource_group, item.image,
-                               polling_interval=POLL_S),
-                     f"deletion of image {item.image}")
-        container = self.blob_service().get_container_client(t.container)
-        for uri in item.extras:
-            name = uri.rsplit(f"/{t.container}/", 1)[-1]
+        self.arm_wait(f"delete image {item.image}", self.compute.images.begin_delete, t.resource_group, item.image)
+        for source in item.extras:
+            disk = DISK_ID_RE.search(source)
+            if disk:
+                self.delete_disk(disk["rg"], disk["name"])
+            else:
+                self._delete_blob(source)
+
+    def delete_disk(self, rg: str, name: str, state: str | None = None) -> None:
+        """Delete a managed disk; one with an open SAS is revoked first (ARM refuses to delete it)."""
+        if state is None:
             try:
-                container.delete_blob(name)
+                state = _state(self.compute.disks.get(rg, name))
             except ResourceNotFoundError:
-                pass
-            except AzureError as exc:
-                raise _azure_error(exc, f"delete blob {name}") from exc
+                return
+            except (AzureError, HttpResponseError) as exc:
+                raise _azure_error(exc, f"get managed disk {name}") from exc
+        if state in ACTIVE_SAS:
+            self.arm_wait(f"revoke access to managed disk {name}", self.compute.disks.begin_revoke_access, rg, name)
+        self.arm_wait(f"delete managed disk {name}", self.compute.disks.begin_delete, rg, name)
+
+    def _delete_blob(self, uri: str) -> None:
+        t = self.target
+        if not t.storage_account:
+            log.warning("azure: blob %s (source of a page-blob image) left: set storage_account to let cloud-gc "
+                        "delete it", uri)
+            return
+        name = uri.rsplit(f"/{t.container}/", 1)[-1]
+        try:
+            self.blob_service().get_container_client(t.container).delete_blob(name)
+        except ResourceNotFoundError:
+            pass
+        except AzureError as exc:
+            raise _azure_error(exc, f"delete blob {name}") from exc
+
+
+class DiskSource(ABC):
+    """Where the VHD's pages go and what the image is made from."""
+    kind: str
+
+    def __init__(self, up: AzureUploader):
+        self.up = up
+        self.made = False          # this run created it (removed if the publish fails)
+
+    @abstractmethod
+    def preflight(self) -> None: ...
+
+    @abstractmethod
+    def plan(self) -> list[str]:
+        """Read-only: the upload steps, or the reuse of a complete earlier upload."""
+
+    @abstractmethod
+    def upload(self) -> None:
+        """Write the pages; reuse a complete earlier upload, redo an unfinished one."""
+
+    @abstractmethod
+    def image_os_disk(self) -> dict[str, Any]:
+        """ImageOSDisk fields naming this source."""
+
+    @abstractmethod
+    def discard(self) -> None: ...
+
+    @abstractmethod
+    def result(self) -> dict[str, Any]: ...
+
+
+class PageBlobSource(DiskSource):
+    """A page blob in the target's storage account, marked complete by metadata."""
+    kind = "page blob"
+
+    def preflight(self) -> None:
+        self.name = f"{self.up.spec.name}.vhd"
+        self.blob = self.up.blob_service().get_container_client(self.up.target.container).get_blob_client(self.name)
+
+    def complete(self) -> bool:
+        try:
+            props = self.blob.get_blob_properties()
+        except ResourceNotFoundError:
+            return False
+        except AzureError as exc:
+            raise _azure_error(exc, f"read blob {self.name}") from exc
+        return props.metadata.get(META_SHA) == self.up.spec.disk_sha256
+
+    def plan(self) -> list[str]:
+        if self.complete():
+            return [f"reuse uploaded blob {self.blob.url}"]
+        return [f"upload {self.up.spec.disk.name} ({self.up.size / 1e6:.1f} MB nominal; zero 4 MiB ranges skipped) "
+                f"to page blob {self.blob.url}"]
+
+    def upload(self) -> None:
+        if self.complete():
+            log.info("azure: blob %s holds this disk already; reusing it", self.name)
+            return
+        container = self.up.blob_service().get_container_client(self.up.target.container)
+        try:
+            container.create_container()
+        except ResourceExistsError:
+            pass
+        except AzureError as exc:
+            raise _azure_error(exc, f"create container {self.up.target.container}") from exc
+        meta = _meta(self.up.tags)
+        try:
+            self.blob.create_page_blob(self.up.size, metadata=meta, if_none_match="*")
+        except ResourceExistsError:  # an unfinished upload of an earlier run: start it over
+            log.info("azure: blob %s is incomplete (earlier run stopped); recreating it", self.name)
+            self.up.arm(f"recreate page blob {self.name}", self.blob.create_page_blob, self.up.size, metadata=meta)
+        except AzureError as exc:
+            raise _azure_error(exc, f"create page blob {self.name}") from exc
+        self.made = True
+        self.up.write_pages(self.blob, f"azure page blob {self.name}")
+        # Marks the blob as whole; a killed run's blob never gets this.
+        self.up.arm(f"set metadata of {self.name}", self.blob.set_blob_metadata,
+                    {**meta, META_SHA: self.up.spec.disk_sha256})
+
+    def image_os_disk(self) -> dict[str, Any]:
+        return {"blob_uri": self.blob.url}
+
+    def discard(self) -> None:
+        try:
+            self.blob.delete_blob()
+        except AzureError as exc:
+            log.warning("azure: could not delete %s: %s", self.name, exc)
+
+    def result(self) -> dict[str, Any]:
+        return {"blob": self.blob.url if hasattr(self, "blob") else None}
+
+
+class ManagedDiskSource(DiskSource):
+    """A managed disk made with create_option Upload and written through a write SAS
+    (no storage account); marked complete by the cos-uploaded tag after access is revoked."""
+    kind = "managed disk"
+
+    def preflight(self) -> None:
+        self.name = self.up.spec.name
+        self.disk: Any = None
+        if self.up.size < MIN_UPLOAD_BYTES:
+            raise PublishError(f"azure: {self.up.spec.disk} is {self.up.size} bytes; a managed disk upload needs "
+                               f"at least {MIN_UPLOAD_BYTES} (20 MiB + the 512-byte footer)",
+                               "make the raw disk at least 20 MiB, or use upload: page-blob")
+
+    @property
+    def where(self) -> str:
+        return f"{self.up.target.resource_group}/{self.name}"
+
+    def _get(self):
+        try:
+            return self.up.compute.disks.get(self.up.target.resource_group, self.name)
+        except ResourceNotFoundError:
+            return None
+        except (AzureError, HttpResponseError) as exc:
+            raise _azure_error(exc, f"get managed disk {self.where}") from exc
+
+    def _complete(self, disk) -> bool:
+        return (disk.provisioning_state == "Succeeded" and _state(disk) not in ACTIVE_SAS
+                and (disk.tags or {}).get(TAG_UPLOADED) == self.up.spec.disk_sha256)
+
+    def plan(self) -> list[str]:
+        disk = self._get()
+        if disk is not None and self._complete(disk):
+            return [f"reuse uploaded managed disk {self.where}"]
+        steps = [f"delete unfinished managed disk {self.where} (state {_state(disk)}) of an earlier run"] if disk else []
+        t = self.up.target
+        return steps + [f"create managed disk {self.where} for upload ({self.up.size} bytes, HyperVGeneration V2) "
+                        f"in {t.location}",
+                        f"grant write access, upload {self.up.spec.disk.name} ({self.up.size / 1e6:.1f} MB nominal; "
+                        f"zero 4 MiB ranges skipped), revoke access"]
+
+    def upload(self) -> None:
+        up, rg = self.up, self.up.target.resource_group
+        disk = self._get()
+        if disk is not None:
+            if self._complete(disk):
+                log.info("azure: managed disk %s holds this disk already; reusing it", self.where)
+                self.disk = disk
+                return
+            # Written pages of a stopped run are unknown and an upload disk cannot be
+            # opened for writing again once revoked: start over.
+            log.info("azure: managed disk %s is unfinished (state %s; earlier run stopped); re-making it",
+                     self.where, _state(disk))
+            up.delete_disk(rg, self.name, _state(disk))
+        self.disk = up.arm_wait(f"create managed disk {self.where}", up.compute.disks.begin_create_or_update,
+                                rg, self.name, self._new_disk())
+        self.made = True
+        self._write()
+        # Marks the disk as whole; a killed run's disk never gets this.
+        from azure.mgmt.compute.models import DiskUpdate
+        self.disk = up.arm_wait(f"tag managed disk {self.where}", up.compute.disks.begin_update, rg, self.name,
+                                DiskUpdate(tags={**up.tags, TAG_UPLOADED: up.spec.disk_sha256}))
+
+    def _new_disk(self):
+        from azure.mgmt.compute.models import CreationData, Disk, DiskProperties, DiskSku, SupportedCapabilities
+        up = self.up
+        return Disk(location=up.target.location, tags=up.tags, sku=DiskSku(name="Standard_LRS"),
+                    properties=DiskProperties(
+                        os_type="Linux", hyper_v_generation="V2",
+                        supported_capabilities=SupportedCapabilities(architecture=ARCH[up.spec.arch]),
+                        # the whole VHD file, footer included
+                        creation_data=CreationData(create_option="Upload", upload_size_bytes=up.size)))
+
+    def _write(self) -> None:
+        from azure.mgmt.compute.models import GrantAccessData
+        up, rg = self.up, self.up.target.resource_group
+        access = up.arm_wait(f"grant write access to managed disk {self.where}", up.compute.disks.begin_grant_access,
+                             rg, self.name, GrantAccessData(access="Write", duration_in_seconds=SAS_SECONDS))
+        if not access or not access.access_sas:
+            raise PublishError(f"azure: write access to managed disk {self.where} came without a SAS URL")
+        revoke = (f"revoke access to managed disk {self.where}", up.compute.disks.begin_revoke_access, rg, self.name)
+        try:
+            up.write_pages(BlobClient.from_blob_url(access.access_sas, **_blob_kw()), f"azure managed disk {self.name}")
+        except BaseException:
+            # Always revoke: a disk left in ActiveUpload can be neither imaged nor deleted.
+            try:
+                up.arm_wait(*revoke)
+            except Exception as exc:  # keep the upload's error
+                log.warning("azure: could not revoke access to %s after a failed upload: %s", self.where, exc)
+            raise
+        up.arm_wait(*revoke)
+
+    def image_os_disk(self) -> dict[str, Any]:
+        from azure.mgmt.compute.models import SubResource
+        return {"managed_disk": SubResource(id=self.disk.id)}
+
+    def discard(self) -> None:
+        try:
+            self.up.delete_disk(self.up.target.resource_group, self.name)
+        except PublishError as exc:
+            log.warning("azure: could not delete managed disk %s: %s", self.where, exc)
+
+    def result(self) -> dict[str, Any]:
+        if self.disk is not None:
+            return {"disk": self.disk.id}
+        profile = self.up.image.storage_profile  # a reused image: its own record of its source
+        source = profile.os_disk.managed_disk if profile and profile.os_disk else None
+        return {"disk": source.id if source else None}

@@ -4,7 +4,16 @@ variables: the page blob holds only the VHD's non-zero 4 MiB ranges and reads ba
 to the VHD; the image is Hyper-V generation V2 from that blob; a gallery version is made
 from the image; re-runs create nothing; throttling/5xx are retried; a killed upload is
 redone on re-run with one image as the result; bad VHDs and gallery mismatches are
-refused before any upload; cloud-gc deletes old images with their blobs."""
+refused before any upload; cloud-gc deletes old images with their blobs.
+
+upload: managed-disk (no storage account) against the same ARM server, which keeps each
+upload disk's data as a page blob in Azurite behind a SAS URL: the disk is made with
+create_option Upload and the VHD's size, only non-zero 4 MiB ranges are written through
+the SAS, the bytes read back equal the VHD, access is revoked (also when the upload
+fails midway, then the disk is removed), the image is made from the disk, a re-run
+creates nothing, an unfinished disk of a stopped run is revoked, deleted and re-made, a
+complete one is reused, the dry run changes nothing, cloud-gc deletes the disk with its
+image, and page-blob without storage_account is refused with one clear message."""
 from __future__ import annotations
 
 import json
@@ -12,18 +21,21 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from cloud.errors import PublishError
 from pipeline import publish
+from pipeline.files import hash_file
 from tests.servers.disks import nonzero_ranges
 from tests.servers.fixtures import (arm_server, azure, azurite_server, cloud_build_dir, flavor_paths,  # noqa: F401
                                     make_flavor, server_logs)
-from tests.servers.proxy import UNAVAILABLE
+from tests.servers.proxy import UNAVAILABLE, Reply
 
 CHUNK = 4 * 1024 * 1024
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_PATH = Path(REPO)
 RG = "cos-rg"
 
 
@@ -169,3 +181,214 @@ def test_gc_deletes_old_images_and_blobs(azure, cloud_build_dir):
     assert sorted(r["name"] for r in azure.arm.of_type("Microsoft.Compute/images")) == sorted(names[1:])
     blobs = [b.name for b in azure.blob_service().get_container_client("images").list_blobs()]
     assert f"{names[0]}.vhd" not in blobs and f"{names[2]}.vhd" in blobs
+
+
+# -- upload: managed-disk -----------------------------------------------------------------
+
+@pytest.fixture
+def disks(azure):
+    """Upload disks' blobs in Azurite; their SAS URLs go through the fault proxy."""
+    return azure.arm.use_blob_storage(azure.azurite.connection_string(), f"{azure.proxy.url}/devstoreaccount1")
+
+
+def disk_target(**extra):
+    return {"resource_group": RG, "location": "westeurope", "upload": "managed-disk", "workers": 4, **extra}
+
+
+def arm_writes(azure) -> list[tuple[str, str]]:
+    return [(m, p) for m, p, _ in azure.arm.requests if m in ("PUT", "POST", "PATCH", "DELETE")]
+
+
+def arm_calls(azure, method: str, suffix: str) -> list:
+    return [b for m, p, b in azure.arm.requests if m == method and p.endswith(suffix)]
+
+
+def written_chunks(ranges) -> list[int]:
+    return sorted({start // CHUNK for s, e in ranges for start in range(s, e + 1, CHUNK)})
+
+
+def compute_client(azure):
+    from azure.identity import DefaultAzureCredential
+    from azure.mgmt.compute import ComputeManagementClient
+    return ComputeManagementClient(DefaultAzureCredential(), azure.subscription, base_url=azure.arm.url)
+
+
+def test_managed_disk_publish_image_and_gallery_version(azure, disks, cloud_build_dir):
+    azure.arm.add_gallery_image(azure.subscription, RG, "cosgallery", "cos-red")
+    flavor = make_flavor({"azure": disk_target(gallery="cosgallery", gallery_image="cos-red")}, name="azdisk")
+    paths = flavor_paths(flavor)
+    vhd = paths.build / "disk.vhd"
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    name = result["name"]
+    assert result["disk"].endswith(f"/providers/Microsoft.Compute/disks/{name}")
+
+    (disk_put,) = azure.arm.puts(f"/disks/{name}")
+    props = disk_put["properties"]
+    assert props["creationData"] == {"createOption": "Upload", "uploadSizeBytes": vhd.stat().st_size}
+    assert props["hyperVGeneration"] == "V2" and props["osType"] == "Linux"
+    assert disk_put["tags"]["cos-flavor"] == "azdisk"
+    (grant,) = arm_calls(azure, "POST", f"/disks/{name}/beginGetAccess")
+    assert grant["access"] == "Write" and grant["durationInSeconds"] > 0
+
+    # only the non-zero 4 MiB ranges were written, each once, through the SAS; no account key used
+    assert written_chunks(disks.page_ranges[name]) == nonzero_ranges(vhd, CHUNK)
+    assert len(page_put_requests(azure)) == len(nonzero_ranges(vhd, CHUNK)) < vhd.stat().st_size // CHUNK
+    assert all("sig=" in r.path for r in azure.proxy.requests)
+    assert disks.data[name] == vhd.read_bytes()
+
+    # access revoked after the pages, before the image; the disk is marked complete
+    order = [p for m, p in arm_writes(azure)]
+    assert order.index(f"{result['disk']}/endGetAccess") < order.index(result["images"]["westeurope"])
+    disk = compute_client(azure).disks.get(RG, name)
+    assert disk.disk_state == "Unattached"
+    assert disk.tags["cos-uploaded"] == json.loads(paths.manifest.read_text())["artifacts"][1]["sha256"]
+
+    (image_put,) = azure.arm.puts(f"/images/{name}")
+    os_disk = image_put["properties"]["storageProfile"]["osDisk"]
+    assert os_disk["managedDisk"]["id"] == result["disk"] and "blobUri" not in os_disk
+    assert image_put["properties"]["hyperVGeneration"] == "V2"
+    (version_put,) = azure.arm.puts("/versions/0.1.0")
+    assert version_put["properties"]["storageProfile"]["source"]["id"] == result["images"]["westeurope"]
+
+    # a re-run creates, grants and writes nothing
+    writes, pages = len(arm_writes(azure)), len(page_put_requests(azure))
+    again = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    assert again["images"] == result["images"] and again["disk"] == result["disk"]
+    assert len(arm_writes(azure)) == writes and len(page_put_requests(azure)) == pages
+    assert len(azure.arm.of_type("Microsoft.Compute/disks")) == 1
+
+
+@pytest.mark.parametrize("delete_fails", [False, True], ids=["removed", "delete-refused"])
+def test_managed_disk_upload_failing_midway_revokes_and_removes_the_disk(azure, disks, cloud_build_dir, delete_fails):
+    flavor = make_flavor({"azure": disk_target(workers=1)}, name="azdiskfail")
+    paths = flavor_paths(flavor)
+    seen = []
+
+    def third_page_on(req):  # let two pages through, then refuse every page write
+        if req.method == "PUT" and "comp=page" in req.path:
+            seen.append(req)
+            return len(seen) > 2
+        return False
+
+    refused = Reply(403, b'<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthorizationFailure</Code>'
+                         b'<Message>injected</Message></Error>', {"Content-Type": "application/xml"})
+    azure.proxy.inject(third_page_on, 1000, refused)
+    if delete_fails:
+        azure.arm.fail("DELETE", r"/disks/", 100, 409)
+    with pytest.raises(PublishError, match="upload pages of azure managed disk"):  # the upload's error, not cleanup's
+        publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    name = publish.image_spec(flavor, paths, "0.1.0", "azure").name
+    order = [(m, p.rsplit("/", 1)[-1]) for m, p in arm_writes(azure) if f"/disks/{name}" in p]
+    assert order[:4] == [("PUT", name), ("POST", "beginGetAccess"), ("POST", "endGetAccess"), ("DELETE", name)]
+    assert len(disks.page_ranges[name]) >= 1  # it did fail midway
+    assert azure.arm.of_type("Microsoft.Compute/images") == []
+    if delete_fails:  # left behind, but revoked: not stuck in ActiveUpload, and not marked complete
+        (disk,) = azure.arm.of_type("Microsoft.Compute/disks")
+        assert disk["properties"]["diskState"] == "Unattached" and "cos-uploaded" not in disk["tags"]
+    else:
+        assert azure.arm.of_type("Microsoft.Compute/disks") == []
+
+
+def leave_unfinished_disk(azure, name: str, vhd) -> None:
+    """What a publish killed during its upload leaves: an upload disk in ActiveUpload with
+    some pages written (made with the same SDK calls, no uploader code)."""
+    from azure.mgmt.compute.models import CreationData, Disk, DiskProperties, GrantAccessData
+    from azure.storage.blob import BlobClient
+    compute = compute_client(azure)
+    compute.disks.begin_create_or_update(RG, name, Disk(location="westeurope", properties=DiskProperties(
+        os_type="Linux", creation_data=CreationData(create_option="Upload", upload_size_bytes=vhd.stat().st_size))),
+        polling_interval=0).result()
+    sas = compute.disks.begin_grant_access(RG, name, GrantAccessData(access="Write", duration_in_seconds=600),
+                                           polling_interval=0).result().access_sas
+    BlobClient.from_blob_url(sas).upload_page(vhd.read_bytes()[:CHUNK], offset=0, length=CHUNK)
+    assert compute.disks.get(RG, name).disk_state == "ActiveUpload"
+
+
+def test_unfinished_disk_of_a_stopped_run_is_remade_and_a_complete_one_reused(azure, disks, cloud_build_dir, monkeypatch):
+    flavor = make_flavor({"azure": disk_target()}, name="azdiskrerun")
+    paths = flavor_paths(flavor)
+    vhd = paths.build / "disk.vhd"
+    name = publish.image_spec(flavor, paths, "0.1.0", "azure").name
+    leave_unfinished_disk(azure, name, vhd)
+    azure.arm.requests.clear()
+
+    monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
+    plan = publish.publish_cloud(flavor, paths, "0.1.0", "azure")["plan"]
+    assert any("delete unfinished managed disk" in step and "ActiveUpload" in step for step in plan)
+    assert arm_writes(azure) == []
+    monkeypatch.delenv("COS_PUBLISH_DRY_RUN")
+
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    order = [(m, p.rsplit("/", 1)[-1]) for m, p in arm_writes(azure) if f"/disks/{name}" in p]
+    assert order[:3] == [("POST", "endGetAccess"), ("DELETE", name), ("PUT", name)]
+    assert disks.data[name] == vhd.read_bytes()
+    assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1
+
+    # the image gone (say, removed by hand), the complete disk is reused: nothing uploaded again
+    compute_client(azure).images.begin_delete(RG, name, polling_interval=0).result()
+    writes, pages = len(arm_writes(azure)), len(page_put_requests(azure))
+    again = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    new = arm_writes(azure)[writes:]
+    assert [m for m, p in new] == ["PUT"] and new[0][1] == again["images"]["westeurope"]
+    assert len(page_put_requests(azure)) == pages and again["disk"] == result["disk"]
+
+
+def test_managed_disk_dry_run_changes_nothing(azure, disks, cloud_build_dir, monkeypatch):
+    monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
+    flavor = make_flavor({"azure": disk_target()}, name="azdiskdry")
+    paths = flavor_paths(flavor)
+    out = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    assert out["dry_run"] is True
+    plan = " | ".join(out["plan"])
+    for step in ("create managed disk", "grant write access", "revoke access", "from the managed disk"):
+        assert step in plan
+    assert arm_writes(azure) == [] and azure.proxy.requests == []
+    assert azure.arm.of_type("Microsoft.Compute/disks") == [] and not (paths.build / "cloud-images.json").exists()
+
+
+def test_gc_deletes_old_images_with_their_managed_disks(azure, disks, cloud_build_dir):
+    from pipeline.graph import FlavorContext
+    flavor = make_flavor({"azure": disk_target()}, name="azdiskgc")
+    names = []
+    for seed in (1, 2):
+        paths = flavor_paths(flavor, seed=seed)
+        names.append(publish.publish_cloud(flavor, paths, "0.1.0", "azure")["name"])
+        time.sleep(1.1)
+    ctx = FlavorContext(make_flavor({"azure": disk_target(), "retention_keep": 1}, name="azdiskgc"), paths, "0.1.0")
+    (item,) = publish.gc([ctx])
+    assert item.image == names[0] and len(item.extras) == 1
+    assert item.extras[0].endswith(f"/providers/Microsoft.Compute/disks/{names[0]}")
+    assert len(azure.arm.of_type("Microsoft.Compute/disks")) == 2  # the dry run deleted nothing
+    publish.gc([ctx], apply=True)
+    assert [r["name"] for r in azure.arm.of_type("Microsoft.Compute/images")] == [names[1]]
+    assert [r["name"] for r in azure.arm.of_type("Microsoft.Compute/disks")] == [names[1]]
+
+
+def test_page_blob_without_storage_account_is_a_clear_config_error(tmp_path):
+    from cloud.targets import AzureTarget
+    from pipeline.config import load_flavor
+    from pipeline.errors import ConfigError
+    flavors = tmp_path / "flavors"
+    (flavors / "azcfg").mkdir(parents=True)
+    (flavors / "defaults.yaml").write_text((REPO_PATH / "flavors/defaults.yaml").read_text())
+    (flavors / "azcfg" / "Dockerfile").write_text("FROM scratch\n")
+    (flavors / "azcfg" / "flavor.yaml").write_text((REPO_PATH / "flavors/red/flavor.yaml").read_text()
+                                                   + "clouds:\n  azure: {resource_group: rg, location: westeurope}\n")
+    with pytest.raises(ConfigError) as err:
+        load_flavor("azcfg", flavors)
+    assert "clouds.azure" in str(err.value) and "upload: page-blob needs storage_account" in str(err.value)
+    assert AzureTarget(resource_group="rg", location="l", upload="managed-disk").storage_account is None
+
+
+def test_vhd_too_small_for_a_managed_disk_is_refused_before_any_call(azure, disks, cloud_build_dir):
+    from tests.servers.disks import make_raw, make_vhd
+    flavor = make_flavor({"azure": disk_target()}, name="azdisksmall")
+    paths = flavor_paths(flavor)
+    small = make_vhd(make_raw(paths.build / "small.raw", size=8 * 1024 * 1024), paths.build / "small.vhd")
+    data = json.loads(paths.manifest.read_text())
+    vhd = next(a for a in data["artifacts"] if a["kind"] == "azure-vhd")
+    vhd.update(path=small.name, sha256=hash_file(small), size=small.stat().st_size)
+    paths.manifest.write_text(json.dumps(data))
+    with pytest.raises(PublishError, match="managed disk upload needs at least 20972032"):
+        publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    assert arm_writes(azure) == []
