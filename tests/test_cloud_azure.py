@@ -392,3 +392,28 @@ def test_vhd_too_small_for_a_managed_disk_is_refused_before_any_call(azure, disk
     with pytest.raises(PublishError, match="managed disk upload needs at least 20972032"):
         publish.publish_cloud(flavor, paths, "0.1.0", "azure")
     assert arm_writes(azure) == []
+
+
+@pytest.mark.slow
+def test_killed_managed_disk_upload_then_rerun_gives_one_image(azure, disks, cloud_build_dir):
+    clouds = {"azure": disk_target(workers=1)}
+    flavor = make_flavor(clouds, name="azkilled")
+    paths = flavor_paths(flavor)
+    is_page = lambda r: r.method == "PUT" and "comp=page" in r.path  # noqa: E731
+    azure.proxy.delay = (is_page, 0.5)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO, clouds=clouds)],
+                            env=os.environ.copy(), cwd=REPO)
+    deadline = time.monotonic() + 60
+    while len(azure.proxy.seen(is_page)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the publish finished before it could be killed"
+    proc.kill()
+    proc.wait()
+    azure.proxy.delay = None
+    (left,) = azure.arm.of_type("Microsoft.Compute/disks")
+    assert left["properties"]["diskState"] == "ActiveUpload"  # what a killed run leaves
+
+    result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1
+    assert len(azure.arm.of_type("Microsoft.Compute/disks")) == 1
+    assert disks.data[result["name"]] == (paths.build / "disk.vhd").read_bytes()
