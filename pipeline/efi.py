@@ -13,6 +13,7 @@ SOURCE_DATE_EPOCH make FAT images byte-identical for the same input.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -50,6 +51,19 @@ def grub_dir(target: str) -> Path:
         raise PipelineError(f"no GRUB modules for {platform} in {path}",
                             f"install them: apt-get install {package}")
     return path
+
+
+def host_grub_fingerprint() -> str:
+    """Identifies the host's GRUB build (modinfo.sh carries its package version and build
+    options): a doit key of the ISO and disk tasks, so a host GRUB upgrade re-makes them.
+    Never raises: `doit list` must work on a machine without GRUB."""
+    digest = hashlib.sha256()
+    for platform in (EFI_TARGET, BIOS_TARGET):
+        try:
+            digest.update((GRUB_LIB / platform / "modinfo.sh").read_bytes())
+        except OSError:
+            digest.update(f"{platform} missing".encode())
+    return digest.hexdigest()[:16]
 
 
 def early_config(labels: list[str], config: str) -> str:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import disk, formats, image, iso, packages, publish, release, squashfs, version
+from . import disk, efi, formats, image, iso, packages, publish, release, squashfs, version
 from .config import REPO_ROOT, Flavor, FlavorPaths, load_all
 from .errors import PipelineError
 
@@ -129,7 +129,7 @@ def iso_task(ctx: FlavorContext) -> Task:
             "file_dep": _boot_inputs(ctx),
             "targets": [out, out.with_name(out.name + ".sha256")],
             "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(),
-                                         "sde": _sde()})],
+                                         "sde": _sde(), "grub": efi.host_grub_fingerprint()})],
             "actions": [stage_action(iso.iso_stage, ctx.flavor, ctx.paths, ctx.version)],
             "clean": True}
 
@@ -140,7 +140,7 @@ def raw_task(ctx: FlavorContext) -> Task:
             "file_dep": _boot_inputs(ctx),
             "targets": [out],
             "uptodate": [config_changed({"disk": ctx.flavor.disk.model_dump(),
-                                         "sde": _sde()})],
+                                         "sde": _sde(), "grub": efi.host_grub_fingerprint()})],
             "actions": [stage_action(disk.raw_stage, ctx.flavor, ctx.paths, ctx.version)],
             "clean": True}
 

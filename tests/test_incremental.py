@@ -1,13 +1,15 @@
 """The doit graph is incremental by content: a second build executes nothing; touching
 files (an overlay file, multi-GB artifacts) without changing them executes nothing;
-changing one overlay file re-runs exactly the image and what depends on it; a stage
-killed with SIGKILL leaves nothing that a re-run takes as done."""
+changing one overlay file re-runs exactly the image and what depends on it; a host GRUB
+upgrade re-runs the ISO and disk tasks only; a stage killed with SIGKILL leaves nothing
+that a re-run takes as done."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +60,26 @@ def test_changing_one_overlay_file_reruns_only_its_dependents(red_build):
         OVERLAY.write_text(original)
     run_doit("build-red")  # back to the original image for later tests
     assert executed_tasks(run_doit("build-red").stdout) == []
+
+
+def test_host_grub_upgrade_reruns_only_the_bootable_images(red_build, tmp_path):
+    """The ISO and disks embed the host's GRUB: another GRUB build (its modinfo.sh) must
+    re-key them, and nothing upstream."""
+    grub = tmp_path / "grub"
+    for platform in ("x86_64-efi", "i386-pc"):
+        (grub / platform).mkdir(parents=True)
+        for f in (Path("/usr/lib/grub") / platform).iterdir():
+            (grub / platform / f.name).symlink_to(f)
+    modinfo = grub / "x86_64-efi" / "modinfo.sh"
+    text = modinfo.read_text()
+    modinfo.unlink()
+    modinfo.write_text(text.replace("grub_package_version=", "grub_package_version=9.99-test+"))
+    run_doit("list")  # loading the graph with GRUB changed must not need a build
+    out = run_doit("list", "--all", "--status", env={"COS_GRUB_LIB": str(grub)}).stdout
+    status = {parts[1]: parts[0] for parts in (l.split() for l in out.splitlines()) if len(parts) >= 2}
+    rerun = {t for t, s in status.items() if s == "R" and t.startswith(("build-red:", "packages:"))}
+    assert rerun == {"build-red:iso", "build-red:raw"}, out
+    assert {t for t, s in _status().items() if s == "R" and t.startswith("build-red:")} == set()
 
 
 def test_sigkill_mid_stage_leaves_nothing_taken_as_done(red_build, red_paths, docker_client):
