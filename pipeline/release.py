@@ -55,7 +55,7 @@ ARTIFACTS: dict[str, tuple[str, bool]] = {
     "raw": ("cOS-Vanilla-RAW-{flavor}-{version}-{arch}.raw", True),
     "azure-vhd": ("cOS-Vanilla-AZURE-{flavor}-{version}-{arch}.vhd", True),
     "gce-tar": ("cOS-Vanilla-GCE-{flavor}-{version}-{arch}.tar.gz", False),
-    "qcow2": ("cOS-Vanilla-QCOW2-{flavor}-{version}-{arch}.qcow2", False),
+    "qcow2": ("cOS-Vanilla-QEMU-{flavor}-{version}-{arch}.qcow2", False),
 }
 
 

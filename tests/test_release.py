@@ -39,7 +39,7 @@ ISO = f"cOS-Seed-red-{VERSION}-x86_64.iso"
 RAW = f"cOS-Vanilla-RAW-red-{VERSION}-x86_64.raw"
 VHD = f"cOS-Vanilla-AZURE-red-{VERSION}-x86_64.vhd"
 GCE = f"cOS-Vanilla-GCE-red-{VERSION}-x86_64.tar.gz"
-QCOW2 = f"cOS-Vanilla-QCOW2-red-{VERSION}-x86_64.qcow2"
+QCOW2 = f"cOS-Vanilla-QEMU-red-{VERSION}-x86_64.qcow2"
 EXPECTED = {ISO, RAW + ".zst", VHD + ".zst", GCE, QCOW2, f"manifest-{KEY}.json",
             f"cloud-images-{KEY}.json", f"images-{KEY}.txt", f"README-{KEY}.md", f"SHA256SUMS-{KEY}"}
 
