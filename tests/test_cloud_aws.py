@@ -9,6 +9,8 @@ publishes once older than clouds.retention_orphan_hours, never another flavor's 
 image's)."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -378,8 +380,6 @@ def test_gc_deletes_orphan_snapshots_once_old_enough(aws, cloud_build_dir):
     done = ebs.start_snapshot(VolumeSize=1, Tags=tags("orphans", "cos-orphans-0.3.0-x86_64-bbbbbbbbbbbb",
                                                        **{"cos-uploaded": "b" * 16}))["SnapshotId"]
     block = b"\1" * BLOCK
-    import base64
-    import hashlib
     ebs.put_snapshot_block(SnapshotId=done, BlockIndex=0, BlockData=block, DataLength=BLOCK, ChecksumAlgorithm="SHA256",
                            Checksum=base64.b64encode(hashlib.sha256(block).digest()).decode())
     ebs.complete_snapshot(SnapshotId=done, ChangedBlocksCount=1)
