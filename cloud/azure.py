@@ -18,12 +18,15 @@ import os
 import re
 import struct
 from abc import ABC, abstractmethod
+from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient, ExponentialRetry
 
-from .base import TAG_CREATED, TAG_FLAVOR, GcItem, ImageSpec, Uploader, require_file, select_for_gc
+from .base import (TAG_CREATED, TAG_FLAVOR, TAG_IMAGE, GcItem, ImageSpec, Uploader, _as_datetime, require_file,
+                   select_for_gc)
 from .disk import blocks_with_data, for_each_block, is_zero, read_block
 from .errors import PublishError
 from .progress import Progress
@@ -35,6 +38,8 @@ ARM_ENDPOINT_ENV = "COS_AZURE_ARM_ENDPOINT"
 CHUNK = 4 * 1024 * 1024       # largest Put Page
 MIB = 1024 * 1024
 META_SHA = "cos_sha256"       # set on the blob once every page is in
+META_FLAVOR = "cos_flavor"    # TAG_FLAVOR / TAG_IMAGE as blob metadata names (see _meta)
+META_IMAGE = "cos_image"
 TAG_UPLOADED = "cos-uploaded"  # set on a managed disk once every page is in and access is revoked
 MIN_UPLOAD_BYTES = 20 * MIB + 512  # smallest upload_size_bytes ARM takes (20 MiB + footer)
 SAS_SECONDS = 6 * 3600        # write access lifetime; revoked as soon as the pages are in
@@ -48,6 +53,20 @@ POLL_S = 1                    # LRO poll interval when ARM sends no Retry-After 
 def _meta(tags: dict[str, str]) -> dict[str, str]:
     """Blob metadata names must be C# identifiers: cos-flavor -> cos_flavor."""
     return {re.sub(r"\W", "_", k): v for k, v in tags.items()}
+
+
+def _image_source(image) -> str | None:
+    """An image's source: a page blob URL or a managed disk id, whichever path made it."""
+    os_disk = image.storage_profile.os_disk if image.storage_profile else None
+    if os_disk is None:
+        return None
+    return os_disk.blob_uri or (os_disk.managed_disk.id if os_disk.managed_disk else None)
+
+
+def _blob_path(url: str) -> str:
+    """A blob URL's path, unquoted; compared by suffix (/container/name), since the host
+    and the account's place (host or first path part, as in Azurite) vary."""
+    return unquote(urlsplit(url).path)
 
 
 def _blob_kw() -> dict[str, Any]:
@@ -297,13 +316,11 @@ class AzureUploader(Uploader):
     # -- cloud-gc -------------------------------------------------------------------
     def gc_candidates(self, keep: int, max_age_days: int | None) -> list[GcItem]:
         t = self.target
-        images = [i for i in self.arm("list images", lambda: list(self.compute.images.list_by_resource_group(t.resource_group)))
-                  if (i.tags or {}).get(TAG_FLAVOR) == self.spec.flavor]
+        every = self.arm("list images", lambda: list(self.compute.images.list_by_resource_group(t.resource_group)))
+        images = [i for i in every if (i.tags or {}).get(TAG_FLAVOR) == self.spec.flavor]
         items: list[GcItem] = []
         for image in select_for_gc([((i.tags or {}).get(TAG_CREATED, ""), i) for i in images], keep, max_age_days):
-            os_disk = image.storage_profile.os_disk if image.storage_profile else None
-            # an image's source: a page blob URL or a managed disk id, whichever path made it
-            source = os_disk and (os_disk.blob_uri or (os_disk.managed_disk.id if os_disk.managed_disk else None))
+            source = _image_source(image)
             items.append(GcItem("azure", t.resource_group, image.name, (image.tags or {}).get(TAG_CREATED, ""),
                                 [source] if source else []))
         if t.gallery:
@@ -314,13 +331,82 @@ class AzureUploader(Uploader):
                 # versions first: they were made from the images deleted after them
                 items.insert(0, GcItem("azure", f"{t.resource_group}/{t.gallery}/{t.gallery_image}", f"version:{v.name}",
                                        (v.tags or {}).get(TAG_CREATED, "")))
-        return items
+        # Orphans are judged against every image of the group, whatever its flavor.
+        return items + self._orphan_blobs(every) + self._orphan_disks(every)
+
+    def _orphan_cutoff(self) -> datetime:
+        return datetime.now(timezone.utc) - timedelta(hours=self.orphan_hours)
+
+    def _orphan_blobs(self, images: list) -> list[GcItem]:
+        """Page blobs of this flavor (cos_flavor metadata) in the target container that no
+        image uses (by blob URL, or by the cos_image metadata naming an existing image),
+        left by runs stopped or failed before their image was made."""
+        t = self.target
+        if not t.storage_account:  # upload: managed-disk with no account: no blobs of ours
+            return []
+        names = {i.name for i in images}
+        used = {_blob_path(s) for s in map(_image_source, images) if s and not DISK_ID_RE.search(s)}
+        cutoff = self._orphan_cutoff()
+        try:
+            blobs = list(self.blob_service().get_container_client(t.container).list_blobs(include=["metadata"]))
+        except ResourceNotFoundError:  # no container yet: nothing was uploaded
+            return []
+        except AzureError as exc:
+            raise _azure_error(exc, f"list blobs in {t.container}") from exc
+        out = []
+        for blob in blobs:
+            meta = blob.metadata or {}
+            suffix = f"/{t.container}/{blob.name}"
+            # Age by Last-Modified, not creation time: every page written and the final
+            # metadata update refresh it, so an upload still running (which may have begun
+            # long ago) never looks abandoned; a stopped one stops changing.
+            if (meta.get(META_FLAVOR) == self.spec.flavor and meta.get(META_IMAGE) not in names
+                    and not any(path.endswith(suffix) for path in used) and blob.last_modified <= cutoff):
+                # META_SHA is also the metadata name of the 16-digit TAG_SHA set at creation;
+                # the whole 64-digit digest replaces it once every page is in.
+                state = "uploaded" if len(meta.get(META_SHA) or "") == 64 else "unfinished"
+                out.append(GcItem("azure", f"{t.storage_account}/{t.container}", f"blob:{blob.name}",
+                                  blob.last_modified.isoformat(), [f"orphan of {meta.get(META_IMAGE)} ({state})"]))
+        return out
+
+    def _orphan_disks(self, images: list) -> list[GcItem]:
+        """Upload disks of this flavor (cos-flavor tag) in the resource group that no image
+        uses (by disk id, or by the cos-image tag naming an existing image) and that are
+        attached to nothing, left by runs stopped or failed before their image was made."""
+        t = self.target
+        if t.upload != "managed-disk":  # only that path makes disks (and has disks/read)
+            return []
+        names = {i.name for i in images}
+        used = {s.lower() for s in map(_image_source, images) if s and DISK_ID_RE.search(s)}
+        cutoff = self._orphan_cutoff()
+        disks = self.arm("list managed disks", lambda: list(self.compute.disks.list_by_resource_group(t.resource_group)))
+        out = []
+        for disk in disks:
+            tags = disk.tags or {}
+            # ARM's timeCreated, else our cos-created tag: a disk has no last-modified time,
+            # and timeCreated is set by Azure whoever made the disk. A running upload's disk
+            # is at most its write access' lifetime (SAS_SECONDS, 6 h) old, well below the
+            # default 24 h.
+            created = disk.time_created or _as_datetime(tags.get(TAG_CREATED, ""))
+            if (tags.get(TAG_FLAVOR) == self.spec.flavor and tags.get(TAG_IMAGE) not in names
+                    and disk.id.lower() not in used and not disk.managed_by and created <= cutoff):
+                state = "uploaded" if tags.get(TAG_UPLOADED) else _state(disk)
+                out.append(GcItem("azure", t.resource_group, f"disk:{disk.name}", created.isoformat(),
+                                  [f"orphan of {tags.get(TAG_IMAGE)} ({state})"]))
+        return out
 
     def gc_delete(self, item: GcItem) -> None:
         t = self.target
-        if item.image.startswith("version:"):
-            self.arm_wait(f"delete gallery image version {item.image}", self.compute.gallery_image_versions.begin_delete,
-                          t.resource_group, t.gallery, t.gallery_image, item.image.split(":", 1)[1])
+        kind, _, name = item.image.partition(":")
+        if kind == "version":
+            self.arm_wait(f"delete gallery image version {name}", self.compute.gallery_image_versions.begin_delete,
+                          t.resource_group, t.gallery, t.gallery_image, name)
+            return
+        if kind == "blob":  # an orphan page blob
+            self._delete_blob_named(name)
+            return
+        if kind == "disk":  # an orphan upload disk; an open write access is revoked first
+            self.delete_disk(t.resource_group, name)
             return
         self.arm_wait(f"delete image {item.image}", self.compute.images.begin_delete, t.resource_group, item.image)
         for source in item.extras:
@@ -349,7 +435,10 @@ class AzureUploader(Uploader):
             log.warning("azure: blob %s (source of a page-blob image) left: set storage_account to let cloud-gc "
                         "delete it", uri)
             return
-        name = uri.rsplit(f"/{t.container}/", 1)[-1]
+        self._delete_blob_named(unquote(urlsplit(uri).path).rsplit(f"/{t.container}/", 1)[-1])
+
+    def _delete_blob_named(self, name: str) -> None:
+        t = self.target
         try:
             self.blob_service().get_container_client(t.container).delete_blob(name)
         except ResourceNotFoundError:

@@ -13,7 +13,13 @@ the SAS, the bytes read back equal the VHD, access is revoked (also when the upl
 fails midway, then the disk is removed), the image is made from the disk, a re-run
 creates nothing, an unfinished disk of a stopped run is revoked, deleted and re-made, a
 complete one is reused, the dry run changes nothing, cloud-gc deletes the disk with its
-image, and page-blob without storage_account is refused with one clear message."""
+image, and page-blob without storage_account is refused with one clear message.
+
+cloud-gc also removes the page blobs and upload disks of this flavor that failed runs
+left behind (no image uses them) once older than clouds.retention_orphan_hours: with
+the default 24 h nothing fresh is touched; with 0 the dry run lists exactly those and
+--apply deletes only them (an ActiveUpload disk is revoked first), never an image's
+source or another flavor's leftovers."""
 from __future__ import annotations
 
 import json
@@ -27,6 +33,7 @@ import pytest
 
 from cloud.errors import PublishError
 from pipeline import publish
+from pipeline.config import FlavorPaths
 from pipeline.files import hash_file
 from tests.servers.disks import nonzero_ranges
 from tests.servers.fixtures import (arm_server, azure, azurite_server, cloud_build_dir, flavor_paths,  # noqa: F401
@@ -37,6 +44,10 @@ CHUNK = 4 * 1024 * 1024
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_PATH = Path(REPO)
 RG = "cos-rg"
+
+
+REFUSED = Reply(403, b'<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthorizationFailure</Code>'
+                     b'<Message>injected</Message></Error>', {"Content-Type": "application/xml"})
 
 
 def azure_target(**extra):
@@ -270,9 +281,7 @@ def test_managed_disk_upload_failing_midway_revokes_and_removes_the_disk(azure, 
             return len(seen) > 2
         return False
 
-    refused = Reply(403, b'<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthorizationFailure</Code>'
-                         b'<Message>injected</Message></Error>', {"Content-Type": "application/xml"})
-    azure.proxy.inject(third_page_on, 1000, refused)
+    azure.proxy.inject(third_page_on, 1000, REFUSED)
     if delete_fails:
         azure.arm.fail("DELETE", r"/disks/", 100, 409)
     with pytest.raises(PublishError, match="upload pages of azure managed disk"):  # the upload's error, not cleanup's
@@ -417,3 +426,120 @@ def test_killed_managed_disk_upload_then_rerun_gives_one_image(azure, disks, clo
     assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1
     assert len(azure.arm.of_type("Microsoft.Compute/disks")) == 1
     assert disks.data[result["name"]] == (paths.build / "disk.vhd").read_bytes()
+
+
+# -- cloud-gc: leftovers of failed runs ----------------------------------------------------
+
+def refuse_pages_after(azure, n: int):
+    """Let n page writes through the proxy, then refuse every later one (403)."""
+    seen = []
+
+    def match(req) -> bool:
+        if req.method == "PUT" and "comp=page" in req.path:
+            seen.append(req)
+            return len(seen) > n
+        return False
+    return azure.proxy.inject(match, 10_000, REFUSED)
+
+
+def failed_publish(flavor, seed: int, error: str) -> str:
+    """Publish a synthetic build that fails with `error`; the image name it was for."""
+    paths = flavor_paths(flavor, seed=seed)
+    with pytest.raises(PublishError, match=error):
+        publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    return publish.image_spec(flavor, paths, "0.1.0", "azure").name
+
+
+def gc_contexts(target: dict, name: str):
+    """cloud-gc of flavor `name` with the default orphan age (24 h) and with 0 h."""
+    from pipeline.graph import FlavorContext
+    paths = FlavorPaths(make_flavor({"azure": target}, name=name))
+    return (FlavorContext(make_flavor({"azure": target}, name=name), paths, "0.1.0"),
+            FlavorContext(make_flavor({"azure": target, "retention_orphan_hours": 0}, name=name), paths, "0.1.0"))
+
+
+def flavor_blobs(azure, flavor: str) -> dict[str, dict]:
+    container = azure.blob_service().get_container_client("images")
+    return {b.name: b.metadata for b in container.list_blobs(include=["metadata"])
+            if (b.metadata or {}).get("cos_flavor") == flavor}
+
+
+def test_gc_deletes_orphan_page_blobs_once_old_enough(azure, cloud_build_dir):
+    """Azurite cannot age a blob: the age rule is checked with the default (24 h: nothing
+    fresh is touched) and with retention_orphan_hours: 0 (every orphan goes)."""
+    flavor = make_flavor({"azure": azure_target(workers=1)}, name="azorphans")
+    live = publish.publish_cloud(flavor, flavor_paths(flavor, seed=1), "0.1.0", "azure")["name"]
+    azure.proxy.inject(lambda r: r.method == "DELETE", 10_000, REFUSED)  # failed runs cannot remove their blobs
+    pages = refuse_pages_after(azure, 2)
+    unfinished = failed_publish(flavor, 2, "upload pages")      # upload failed midway
+    azure.proxy.faults.remove(pages)
+    azure.arm.fail("PUT", r"/images/", 10_000, 400)
+    uploaded = failed_publish(flavor, 3, "create image")       # uploaded, image refused
+    other_flavor = make_flavor({"azure": azure_target()}, name="azorphansother")
+    other = failed_publish(other_flavor, 4, "create image")    # another flavor's, just as orphaned
+    azure.proxy.faults.clear()
+    azure.arm.faults.clear()
+    blobs = flavor_blobs(azure, "azorphans")
+    assert set(blobs) == {f"{live}.vhd", f"{unfinished}.vhd", f"{uploaded}.vhd"}
+    # the 16-digit tag from creation, or the whole digest set once every page was in
+    assert len(blobs[f"{unfinished}.vhd"]["cos_sha256"]) == 16 and len(blobs[f"{uploaded}.vhd"]["cos_sha256"]) == 64
+    assert set(flavor_blobs(azure, "azorphansother")) == {f"{other}.vhd"}
+
+    default, at_once = gc_contexts(azure_target(), "azorphans")
+    assert publish.gc([default]) == [] and publish.gc([default], apply=True) == []
+    assert set(flavor_blobs(azure, "azorphans")) == set(blobs)  # nothing fresh is touched
+
+    deletes, writes = len(azure.proxy.seen(lambda r: r.method == "DELETE")), len(arm_writes(azure))
+    listed = publish.gc([at_once])
+    assert sorted(i.image for i in listed) == sorted([f"blob:{unfinished}.vhd", f"blob:{uploaded}.vhd"])
+    assert {e for i in listed for e in i.extras} == {f"orphan of {unfinished} (unfinished)",
+                                                     f"orphan of {uploaded} (uploaded)"}
+    assert set(flavor_blobs(azure, "azorphans")) == set(blobs)  # the dry run deleted nothing
+    assert len(azure.proxy.seen(lambda r: r.method == "DELETE")) == deletes and len(arm_writes(azure)) == writes
+
+    publish.gc([at_once], apply=True)
+    assert set(flavor_blobs(azure, "azorphans")) == {f"{live}.vhd"}
+    assert set(flavor_blobs(azure, "azorphansother")) == {f"{other}.vhd"}
+    assert [r["name"] for r in azure.arm.of_type("Microsoft.Compute/images")] == [live]
+    assert publish.gc([at_once]) == []
+
+
+def test_gc_deletes_orphan_managed_disks_once_old_enough(azure, disks, cloud_build_dir):
+    """As above for upload: managed-disk; a disk left in ActiveUpload is revoked, then deleted."""
+    flavor = make_flavor({"azure": disk_target(workers=1)}, name="azdiskorphans")
+    live = publish.publish_cloud(flavor, flavor_paths(flavor, seed=1), "0.1.0", "azure")["name"]
+    refuse_pages_after(azure, 2)
+    azure.arm.fail("POST", r"/endGetAccess$", 10_000, 409)
+    active = failed_publish(flavor, 2, "upload pages")          # neither revoked nor deleted
+    azure.arm.faults.clear()
+    azure.arm.fail("DELETE", r"/disks/", 10_000, 409)
+    revoked = failed_publish(flavor, 3, "upload pages")         # revoked, delete refused
+    azure.proxy.faults.clear()
+    azure.arm.faults.clear()
+    # another flavor's leftover, just as orphaned: an upload disk with that flavor's tags
+    from azure.mgmt.compute.models import CreationData, Disk, DiskProperties
+    other = "cos-azdiskorphansother-0-1-0-x86-64-cccccccccccc"
+    compute_client(azure).disks.begin_create_or_update(RG, other, Disk(
+        location="westeurope", tags={"cos-flavor": "azdiskorphansother", "cos-image": other},
+        properties=DiskProperties(os_type="Linux", creation_data=CreationData(
+            create_option="Upload", upload_size_bytes=21 * 1024 * 1024 + 512))), polling_interval=0).result()
+    states = {d["name"]: d["properties"]["diskState"] for d in azure.arm.of_type("Microsoft.Compute/disks")}
+    assert states == {live: "Unattached", active: "ActiveUpload", revoked: "Unattached", other: "ReadyToUpload"}
+
+    default, at_once = gc_contexts(disk_target(), "azdiskorphans")
+    assert publish.gc([default]) == [] and publish.gc([default], apply=True) == []
+    assert len(azure.arm.of_type("Microsoft.Compute/disks")) == 4  # nothing fresh is touched
+
+    writes = len(arm_writes(azure))
+    listed = publish.gc([at_once])
+    assert sorted(i.image for i in listed) == sorted([f"disk:{active}", f"disk:{revoked}"])
+    assert {e for i in listed for e in i.extras} == {f"orphan of {active} (ActiveUpload)",
+                                                     f"orphan of {revoked} (Unattached)"}
+    assert len(arm_writes(azure)) == writes  # the dry run wrote nothing
+
+    publish.gc([at_once], apply=True)
+    done = [(m, p.rsplit("/", 1)[-1]) for m, p in arm_writes(azure)[writes:]]
+    assert done.index(("POST", "endGetAccess")) < done.index(("DELETE", active))
+    assert sorted(r["name"] for r in azure.arm.of_type("Microsoft.Compute/disks")) == sorted([live, other])
+    assert [r["name"] for r in azure.arm.of_type("Microsoft.Compute/images")] == [live]
+    assert publish.gc([at_once]) == []

@@ -2,7 +2,7 @@
 
 It speaks the ARM REST calls cloud/azure.py uses: managed images (PUT/GET/DELETE/list),
 gallery image definitions (GET) and versions (PUT/GET/DELETE/list), managed disks for
-direct upload (PUT/GET/PATCH/DELETE, beginGetAccess/endGetAccess; see DiskStore), long-running
+direct upload (PUT/GET/PATCH/DELETE/list, timeCreated, beginGetAccess/endGetAccess; see DiskStore), long-running
 operations answered with 201/202 + Azure-AsyncOperation (InProgress once, then
 Succeeded), and an App Service style managed-identity token endpoint
 (IDENTITY_ENDPOINT/IDENTITY_HEADER) so azure-identity's DefaultAzureCredential gets a
@@ -115,6 +115,8 @@ class ArmServer(JsonApiServer):
                 if refused:
                     return refused
                 props["provisioningState"] = "Creating"
+                if kind == "Microsoft.Compute/disks":  # read-only, set by ARM (cloud-gc ages orphan disks by it)
+                    props["timeCreated"] = datetime.now(timezone.utc).isoformat()
                 res = {"id": path, "name": path.rsplit("/", 1)[1], "type": kind,
                        "location": (body or {}).get("location"), "tags": (body or {}).get("tags") or {},
                        "properties": props}
