@@ -14,12 +14,14 @@ import io
 import logging
 import os
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry, if_exception_type
 
-from .base import TAG_CREATED, TAG_FLAVOR, GcItem, ImageSpec, Uploader, require_file, select_for_gc, wait_until
+from .base import TAG_CREATED, TAG_FLAVOR, TAG_IMAGE, GcItem, ImageSpec, Uploader, require_file, select_for_gc, wait_until
 from .errors import PublishError
 from .progress import Progress
 from .targets import GcpTarget
@@ -294,15 +296,47 @@ class GcpUploader(Uploader):
     def gc_candidates(self, keep: int, max_age_days: int | None) -> list[GcItem]:
         t = self.target
         from google.cloud import compute_v1
-        flt = f'labels.{TAG_FLAVOR} = "{self.spec.flavor}"'
-        images = self.gcall("list images", lambda: list(self.images.list(
-            request=compute_v1.ListImagesRequest(project=t.project, filter=flt), retry=RETRY)))
-        images = [i for i in images if i.labels.get(TAG_FLAVOR) == self.spec.flavor]
+        # every image of the project: orphans are judged against all of them, whatever their flavor
+        every = self.gcall("list images", lambda: list(self.images.list(
+            request=compute_v1.ListImagesRequest(project=t.project), retry=RETRY)))
+        images = [i for i in every if i.labels.get(TAG_FLAVOR) == self.spec.flavor]
         return [GcItem("gcp", t.project, i.name, i.creation_timestamp or i.labels.get(TAG_CREATED, ""),
                        [f"gs://{t.bucket}/{i.name}.tar.gz"])
-                for i in select_for_gc([(i.creation_timestamp, i) for i in images], keep, max_age_days)]
+                for i in select_for_gc([(i.creation_timestamp, i) for i in images], keep, max_age_days)
+                ] + self._orphan_objects(every)
+
+    def _orphan_objects(self, images: list) -> list[GcItem]:
+        """Objects of this flavor (cos-flavor metadata) in the bucket that no image uses
+        (by rawDisk.source, or by the cos-image metadata naming an existing image): left
+        by runs that failed after the upload and could not delete them, or were stopped
+        before images.insert."""
+        t = self.target
+        names = {i.name for i in images}
+        used = {_object_of(i.raw_disk.source) for i in images if i.raw_disk and i.raw_disk.source}
+        cutoff = datetime.now(timezone.utc) - timedelta(hours=self.orphan_hours)
+        try:
+            blobs = list(self.bucket.list_blobs(retry=RETRY))
+        except gexc.NotFound:  # no bucket: nothing was uploaded
+            return []
+        except gexc.GoogleAPIError as exc:
+            raise _gcp_error(exc, f"list gs://{t.bucket}") from exc
+        out = []
+        for blob in blobs:
+            meta = blob.metadata or {}
+            # Aged by timeCreated: an object appears only when its resumable upload
+            # completes (each new generation gets its own), so a publish still uploading
+            # has nothing here yet, and one that just finished uploading is fresh.
+            if (meta.get(TAG_FLAVOR) == self.spec.flavor and meta.get(TAG_IMAGE) not in names
+                    and (t.bucket, blob.name) not in used and blob.time_created <= cutoff):
+                # gs://B/O#GENERATION: deleted only if not replaced meanwhile (by a new upload)
+                out.append(GcItem("gcp", t.project, f"object:gs://{t.bucket}/{blob.name}#{blob.generation}",
+                                  blob.time_created.isoformat(), [f"orphan of {meta.get(TAG_IMAGE)}"]))
+        return out
 
     def gc_delete(self, item: GcItem) -> None:
+        if item.image.startswith("object:"):
+            self._delete_orphan(item.image.removeprefix("object:"))
+            return
         from google.cloud import compute_v1
         request = compute_v1.DeleteImageRequest(project=self.target.project, image=item.image,
                                                 request_id=self._request_id("delete", item.image))
@@ -315,3 +349,23 @@ class GcpUploader(Uploader):
                 pass
             except gexc.GoogleAPIError as exc:
                 raise _gcp_error(exc, f"delete {uri}") from exc
+
+    def _delete_orphan(self, uri: str) -> None:
+        """Delete gs://BUCKET/NAME#GENERATION if that generation is still the live one."""
+        where, _, generation = uri.rpartition("#")
+        name = where.split("/", 3)[3]
+        try:
+            self.bucket.blob(name).delete(if_generation_match=int(generation), retry=RETRY)
+        except (gexc.NotFound, gexc.PreconditionFailed):
+            log.info("gcp: %s was deleted or replaced meanwhile; left alone", uri)
+        except gexc.GoogleAPIError as exc:
+            raise _gcp_error(exc, f"delete {uri}") from exc
+
+
+def _object_of(source: str) -> tuple[str, str]:
+    """rawDisk.source as (bucket, object). GCE takes https://storage.googleapis.com/B/O
+    (what register() sends: the blob's public URL; the host differs with an emulator);
+    gs://B/O is read too."""
+    path = source[len("gs://"):] if source.startswith("gs://") else unquote(urlsplit(source).path).lstrip("/")
+    bucket, _, name = path.partition("/")
+    return bucket, name

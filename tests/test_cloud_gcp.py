@@ -4,7 +4,11 @@ the tar.gz goes up by resumable upload and reads back equal; images.insert carri
 rawDisk.source, UEFI_COMPATIBLE and the other features, family, labels, architecture;
 operations are waited for on the configured endpoint; the family's previous image is
 deprecated; re-runs create nothing; throttling/5xx are retried; a killed upload then
-re-run gives one image; dry run touches nothing; cloud-gc deletes images and objects."""
+re-run gives one image; dry run touches nothing; cloud-gc deletes images and objects,
+and the flavor's objects that failed runs could not delete (no image's rawDisk.source)
+once older than clouds.retention_orphan_hours: with the default 24 h nothing fresh is
+touched; with 0 exactly those are listed, then deleted, never an image's source, another
+flavor's leftover or an object without our metadata."""
 from __future__ import annotations
 
 import os
@@ -15,9 +19,11 @@ import time
 import pytest
 
 from cloud.errors import PublishError
+from cloud.gcp import GcpUploader
 from pipeline import publish
 from tests.servers.fixtures import cloud_build_dir, flavor_paths, gcp, gcp_servers, make_flavor, server_logs  # noqa: F401
-from tests.servers.proxy import UNAVAILABLE
+from tests.servers.gce import GenerationMatch
+from tests.servers.proxy import UNAVAILABLE, Reply
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,3 +158,90 @@ def test_gc_deletes_old_images_and_objects(gcp, cloud_build_dir):
     publish.gc([ctx], apply=True)
     assert [n for (_, n) in gcp.gce.images] == [names[2]]
     assert [b.name for b in gcp.storage().bucket("cos-images").list_blobs()] == [f"{names[2]}.tar.gz"]
+
+
+GCS_REFUSED = Reply(403, b'{"error": {"code": 403, "message": "injected: storage.objects.delete denied"}}',
+                    {"Content-Type": "application/json"})
+
+
+def failed_publish(flavor, seed: int) -> str:
+    """A publish whose images.insert is refused; the image name it was for."""
+    paths = flavor_paths(flavor, seed=seed)
+    with pytest.raises(PublishError, match="insert image"):
+        publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+    return publish.image_spec(flavor, paths, "0.1.0", "gcp").name
+
+
+def flavor_objects(gcp, flavor: str | None = None) -> set[str]:
+    return {b.name for b in gcp.storage().bucket("cos-images").list_blobs()
+            if flavor is None or (b.metadata or {}).get("cos-flavor") == flavor}
+
+
+def test_gc_deletes_orphan_objects_once_old_enough(gcp, cloud_build_dir):
+    """fake-gcs-server cannot age an object: the age rule is checked with the default
+    (24 h: nothing fresh is touched) and with retention_orphan_hours: 0 (every orphan goes)."""
+    from pipeline.graph import FlavorContext
+    flavor = make_flavor({"gcp": gcp_target(family=None)}, name="gcorphans")
+    live = publish.publish_cloud(flavor, flavor_paths(flavor, seed=1), "0.1.0", "gcp")["name"]
+    # runs whose images.insert was refused and that could not delete their object either
+    gcp.gce.fail("POST", r"/global/images$", 10_000, 400)
+    gcp.proxy.inject(lambda r: r.method == "DELETE", 10_000, GCS_REFUSED)
+    orphans = [failed_publish(flavor, seed) for seed in (2, 3)]
+    other = failed_publish(make_flavor({"gcp": gcp_target(family=None)}, name="gcorphansother"), 4)
+    gcp.gce.faults.clear()
+    gcp.proxy.faults.clear()
+    gcp.storage().bucket("cos-images").blob("notes/readme.txt").upload_from_string(b"not ours")
+    everything = {f"{n}.tar.gz" for n in (live, *orphans, other)} | {"notes/readme.txt"}
+    assert flavor_objects(gcp) == everything
+
+    paths = flavor_paths(flavor)
+    default = FlavorContext(make_flavor({"gcp": gcp_target(family=None)}, name="gcorphans"), paths, "0.1.0")
+    assert publish.gc([default]) == [] and publish.gc([default], apply=True) == []
+    assert flavor_objects(gcp) == everything  # nothing fresh is touched
+
+    at_once = FlavorContext(make_flavor({"gcp": gcp_target(family=None), "retention_orphan_hours": 0},
+                                        name="gcorphans"), paths, "0.1.0")
+    deletes = len(gcp.proxy.seen(lambda r: r.method == "DELETE"))
+    listed = publish.gc([at_once])
+    assert sorted(i.image.split("#")[0] for i in listed) == sorted(f"object:gs://cos-images/{n}.tar.gz" for n in orphans)
+    assert sorted(e for i in listed for e in i.extras) == sorted(f"orphan of {n}" for n in orphans)
+    assert flavor_objects(gcp) == everything  # the dry run deleted nothing
+    assert len(gcp.proxy.seen(lambda r: r.method == "DELETE")) == deletes
+    assert not [p for m, p, _ in gcp.gce.requests if m == "DELETE"]
+
+    publish.gc([at_once], apply=True)
+    assert flavor_objects(gcp) == everything - {f"{n}.tar.gz" for n in orphans}
+    assert [n for (_, n) in gcp.gce.images] == [live]
+    assert publish.gc([at_once]) == []
+
+
+def test_gc_leaves_an_orphan_replaced_since_it_was_listed(gcp, cloud_build_dir):
+    """An object re-uploaded (new generation) between the listing and the delete is kept."""
+    from pipeline.graph import FlavorContext
+    flavor = make_flavor({"gcp": gcp_target(family=None), "retention_orphan_hours": 0}, name="gcreplaced")
+    gcp.gce.fail("POST", r"/global/images$", 10_000, 400)
+    gcp.proxy.inject(lambda r: r.method == "DELETE", 10_000, GCS_REFUSED)
+    name = failed_publish(flavor, 1)
+    gcp.gce.faults.clear()
+    gcp.proxy.faults.clear()
+    ctx = FlavorContext(flavor, flavor_paths(flavor), "0.1.0")
+    (item,) = publish.gc([ctx])
+    blob = gcp.storage().bucket("cos-images").blob(f"{name}.tar.gz")
+    blob.metadata = {"cos-flavor": "gcreplaced", "cos-image": name}
+    blob.upload_from_string(b"a new upload")
+    gcp.proxy.handlers.append(GenerationMatch(gcp.gcs.url))  # fake-gcs-server ignores ifGenerationMatch on DELETE
+    try:
+        GcpUploader(flavor.clouds.gcp, publish.image_spec(flavor, flavor_paths(flavor), "0.1.0", "gcp")).gc_delete(item)
+    finally:
+        gcp.proxy.handlers.pop()
+    assert len(gcp.proxy.seen(lambda r: r.method == "DELETE" and "ifGenerationMatch" in r.path)) == 1
+    assert gcp.storage().bucket("cos-images").get_blob(f"{name}.tar.gz").download_as_bytes() == b"a new upload"
+    publish.gc([ctx], apply=True)  # listed again (new generation), it goes
+    assert flavor_objects(gcp) == set()
+
+
+@pytest.mark.parametrize("source", ["https://storage.googleapis.com/cos-images/dir/a%20b.tar.gz",
+                                    "http://127.0.0.1:4443/cos-images/dir/a b.tar.gz", "gs://cos-images/dir/a b.tar.gz"])
+def test_raw_disk_source_names_bucket_and_object(source):
+    from cloud.gcp import _object_of
+    assert _object_of(source) == ("cos-images", "dir/a b.tar.gz")

@@ -197,6 +197,30 @@ def _error(code: int, message: str, reason: str) -> dict:
     return {"error": {"code": code, "message": message, "errors": [{"message": message, "reason": reason}]}}
 
 
+class GenerationMatch:
+    """FaultProxy handler: the ifGenerationMatch precondition of an object DELETE, which
+    fake-gcs-server ignores; GCS answers 412 when the live generation differs."""
+
+    def __init__(self, gcs_url: str):
+        self.gcs_url = gcs_url
+
+    def __call__(self, req):
+        from .proxy import Reply
+        url = urlsplit(req.path)
+        want = parse_qs(url.query).get("ifGenerationMatch")
+        if req.method != "DELETE" or not want or "/o/" not in url.path:
+            return None
+        try:
+            with urllib.request.urlopen(f"{self.gcs_url}{url.path}", timeout=10) as answer:
+                live = json.load(answer)["generation"]
+        except urllib.error.HTTPError:
+            return None  # the emulator answers (404)
+        if str(live) == want[0]:
+            return None
+        return Reply(412, json.dumps(_error(412, "At least one of the pre-conditions you specified did not hold.",
+                                            "conditionNotMet")).encode(), {"Content-Type": "application/json"})
+
+
 class FakeGcs:
     """fake-gcs-server over http on a free port; `external` is the URL clients use
     (a proxy in front of it), so resumable-upload session URLs go through the proxy too."""
