@@ -37,7 +37,7 @@ log = logging.getLogger("cos.cloud.azure")
 ARM_ENDPOINT_ENV = "COS_AZURE_ARM_ENDPOINT"
 CHUNK = 4 * 1024 * 1024       # largest Put Page
 MIB = 1024 * 1024
-META_SHA = "cos_sha256"       # set on the blob once every page is in
+META_UPLOADED = "cos_uploaded"  # the artifact sha256, set on the blob once every page is in
 META_FLAVOR = "cos_flavor"    # TAG_FLAVOR / TAG_IMAGE as blob metadata names (see _meta)
 META_IMAGE = "cos_image"
 TAG_UPLOADED = "cos-uploaded"  # set on a managed disk once every page is in and access is revoked
@@ -362,9 +362,7 @@ class AzureUploader(Uploader):
             # long ago) never looks abandoned; a stopped one stops changing.
             if (meta.get(META_FLAVOR) == self.spec.flavor and meta.get(META_IMAGE) not in names
                     and not any(path.endswith(suffix) for path in used) and blob.last_modified <= cutoff):
-                # META_SHA is also the metadata name of the 16-digit TAG_SHA set at creation;
-                # the whole 64-digit digest replaces it once every page is in.
-                state = "uploaded" if len(meta.get(META_SHA) or "") == 64 else "unfinished"
+                state = "uploaded" if meta.get(META_UPLOADED) else "unfinished"
                 out.append(GcItem("azure", f"{t.storage_account}/{t.container}", f"blob:{blob.name}",
                                   blob.last_modified.isoformat(), [f"orphan of {meta.get(META_IMAGE)} ({state})"]))
         return out
@@ -492,7 +490,7 @@ class PageBlobSource(DiskSource):
             return False
         except AzureError as exc:
             raise _azure_error(exc, f"read blob {self.name}") from exc
-        return props.metadata.get(META_SHA) == self.up.spec.disk_sha256
+        return props.metadata.get(META_UPLOADED) == self.up.spec.disk_sha256
 
     def plan(self) -> list[str]:
         if self.complete():
@@ -523,7 +521,7 @@ class PageBlobSource(DiskSource):
         self.up.write_pages(self.blob, f"azure page blob {self.name}")
         # Marks the blob as whole; a killed run's blob never gets this.
         self.up.arm(f"set metadata of {self.name}", self.blob.set_blob_metadata,
-                    {**meta, META_SHA: self.up.spec.disk_sha256})
+                    {**meta, META_UPLOADED: self.up.spec.disk_sha256})
 
     def image_os_disk(self) -> dict[str, Any]:
         return {"blob_uri": self.blob.url}

@@ -76,7 +76,7 @@ def test_publish_page_blob_image_and_gallery_version(azure, cloud_build_dir):
     assert written == nonzero_ranges(vhd, CHUNK)  # zero 4 MiB ranges were not sent
     assert sum(r.end - r.start + 1 for r in ranges) <= vhd.stat().st_size // 3
     assert blob.download_blob().readall() == vhd.read_bytes()
-    assert blob.get_blob_properties().metadata["cos_sha256"] == json.loads(paths.manifest.read_text())["artifacts"][1]["sha256"]
+    assert blob.get_blob_properties().metadata["cos_uploaded"] == json.loads(paths.manifest.read_text())["artifacts"][1]["sha256"]
 
     (image_put,) = azure.arm.puts("/images/" + result["name"])
     props = image_put["properties"]
@@ -481,8 +481,8 @@ def test_gc_deletes_orphan_page_blobs_once_old_enough(azure, cloud_build_dir):
     azure.arm.faults.clear()
     blobs = flavor_blobs(azure, "azorphans")
     assert set(blobs) == {f"{live}.vhd", f"{unfinished}.vhd", f"{uploaded}.vhd"}
-    # the 16-digit tag from creation, or the whole digest set once every page was in
-    assert len(blobs[f"{unfinished}.vhd"]["cos_sha256"]) == 16 and len(blobs[f"{uploaded}.vhd"]["cos_sha256"]) == 64
+    # the completion marker is set only once every page was in
+    assert "cos_uploaded" not in blobs[f"{unfinished}.vhd"] and len(blobs[f"{uploaded}.vhd"]["cos_uploaded"]) == 64
     assert set(flavor_blobs(azure, "azorphansother")) == {f"{other}.vhd"}
 
     default, at_once = gc_contexts(azure_target(), "azorphans")
