@@ -28,7 +28,7 @@ from pipeline import publish
 from pipeline.graph import FlavorContext
 from tests.servers.aws import ImageDeprecations
 from tests.servers.disks import nonzero_ranges
-from tests.servers.fixtures import aws, cloud_build_dir, flavor_paths, make_flavor, moto_server, server_logs  # noqa: F401
+from tests.servers.fixtures import aws, cloud_build_dir, flavor_paths, kill_publish_midway, make_flavor, moto_server, server_logs  # noqa: F401
 from tests.servers.proxy import EC2_THROTTLE, JSON_THROTTLE, SERVER_ERROR, Reply
 
 BLOCK = 512 * 1024
@@ -200,35 +200,14 @@ def test_dry_run_changes_nothing(aws, cloud_build_dir, monkeypatch):
     assert not (paths.build / "cloud-images.json").exists()
 
 
-KILL_SCRIPT = """
-import sys, logging
-logging.basicConfig(level=logging.INFO)
-sys.path.insert(0, {repo!r})
-from tests.servers.fixtures import make_flavor
-from pipeline.config import FlavorPaths
-from pipeline import publish
-flavor = make_flavor({clouds!r}, name="killed")
-publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", "aws")
-"""
-
-
 @pytest.mark.slow
 def test_killed_publish_then_rerun_gives_one_image(aws, cloud_build_dir):
     clouds = {"aws": {"regions": ["us-east-1", "eu-west-1"], "workers": 2}}
     flavor = make_flavor(clouds, name="killed")
     paths = flavor_paths(flavor)
     is_put = lambda r: r.method == "PUT" and "/blocks/" in r.path  # noqa: E731
-    aws.proxy.delay = (is_put, 0.3)
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO, clouds=clouds)],
-                            env=os.environ.copy(), cwd=REPO)
-    deadline = time.monotonic() + 60
-    while len(aws.proxy.seen(is_put)) < 3 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the publish finished before it could be killed"
-    proc.kill()
-    proc.wait()
+    kill_publish_midway(aws.proxy, "aws", clouds, "killed", is_put, after=3, delay_s=0.3)
     assert aws.actions("RegisterImage") == []
-    aws.proxy.delay = None
 
     result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
     for region in ("us-east-1", "eu-west-1"):

@@ -23,9 +23,6 @@ source or another flavor's leftovers."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,12 +34,11 @@ from pipeline.config import FlavorPaths
 from pipeline.files import hash_file
 from tests.servers.disks import nonzero_ranges
 from tests.servers.fixtures import (arm_server, azure, azurite_server, cloud_build_dir, flavor_paths,  # noqa: F401
-                                    make_flavor, server_logs)
+                                    kill_publish_midway, make_flavor, server_logs)
 from tests.servers.proxy import UNAVAILABLE, Reply
 
 CHUNK = 4 * 1024 * 1024
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REPO_PATH = Path(REPO)
+REPO_PATH = Path(__file__).resolve().parents[1]
 RG = "cos-rg"
 
 
@@ -113,34 +109,13 @@ def test_throttling_and_5xx_are_retried(azure, cloud_build_dir):
     assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1
 
 
-KILL_SCRIPT = """
-import sys, logging
-logging.basicConfig(level=logging.INFO)
-sys.path.insert(0, {repo!r})
-from tests.servers.fixtures import make_flavor
-from pipeline.config import FlavorPaths
-from pipeline import publish
-flavor = make_flavor({clouds!r}, name="azkilled")
-publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", "azure")
-"""
-
-
 @pytest.mark.slow
 def test_killed_upload_then_rerun_gives_one_image(azure, cloud_build_dir):
     clouds = {"azure": azure_target(workers=1)}
     flavor = make_flavor(clouds, name="azkilled")
     paths = flavor_paths(flavor)
     is_page = lambda r: r.method == "PUT" and "comp=page" in r.path  # noqa: E731
-    azure.proxy.delay = (is_page, 0.5)
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO, clouds=clouds)],
-                            env=os.environ.copy(), cwd=REPO)
-    deadline = time.monotonic() + 60
-    while len(azure.proxy.seen(is_page)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the publish finished before it could be killed"
-    proc.kill()
-    proc.wait()
-    azure.proxy.delay = None
+    kill_publish_midway(azure.proxy, "azure", clouds, "azkilled", is_page, after=2, delay_s=0.5)
     assert azure.arm.of_type("Microsoft.Compute/images") == []
 
     result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
@@ -409,16 +384,7 @@ def test_killed_managed_disk_upload_then_rerun_gives_one_image(azure, disks, clo
     flavor = make_flavor(clouds, name="azkilled")
     paths = flavor_paths(flavor)
     is_page = lambda r: r.method == "PUT" and "comp=page" in r.path  # noqa: E731
-    azure.proxy.delay = (is_page, 0.5)
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO, clouds=clouds)],
-                            env=os.environ.copy(), cwd=REPO)
-    deadline = time.monotonic() + 60
-    while len(azure.proxy.seen(is_page)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the publish finished before it could be killed"
-    proc.kill()
-    proc.wait()
-    azure.proxy.delay = None
+    kill_publish_midway(azure.proxy, "azure", clouds, "azkilled", is_page, after=2, delay_s=0.5)
     (left,) = azure.arm.of_type("Microsoft.Compute/disks")
     assert left["properties"]["diskState"] == "ActiveUpload"  # what a killed run leaves
 

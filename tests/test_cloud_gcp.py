@@ -11,21 +11,15 @@ touched; with 0 exactly those are listed, then deleted, never an image's source,
 flavor's leftover or an object without our metadata."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 
 from cloud.errors import PublishError
 from cloud.gcp import GcpUploader
 from pipeline import publish
-from tests.servers.fixtures import cloud_build_dir, flavor_paths, gcp, gcp_servers, make_flavor, server_logs  # noqa: F401
+from tests.servers.fixtures import cloud_build_dir, flavor_paths, gcp, gcp_servers, kill_publish_midway, make_flavor, server_logs  # noqa: F401
 from tests.servers.gce import GenerationMatch
 from tests.servers.proxy import UNAVAILABLE, Reply
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def gcp_target(**extra):
@@ -98,36 +92,14 @@ def test_failed_insert_surfaces_error_and_removes_object(gcp, cloud_build_dir):
     assert not (paths.build / "cloud-images.json").exists()
 
 
-KILL_SCRIPT = """
-import sys, logging
-logging.basicConfig(level=logging.INFO)
-sys.path.insert(0, {repo!r})
-from tests.servers.fixtures import make_flavor
-from pipeline.config import FlavorPaths
-from pipeline import publish
-import cloud.gcp
-cloud.gcp.UPLOAD_CHUNK = 256 * 1024
-flavor = make_flavor({clouds!r}, name="gckilled")
-publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", "gcp")
-"""
-
-
 @pytest.mark.slow
 def test_killed_upload_then_rerun_gives_one_image(gcp, cloud_build_dir):
     clouds = {"gcp": gcp_target()}
     flavor = make_flavor(clouds, name="gckilled")
     paths = flavor_paths(flavor)
     is_chunk = lambda r: r.method == "PUT" and "upload_id" in r.path  # noqa: E731
-    gcp.proxy.delay = (is_chunk, 0.5)
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO, clouds=clouds)],
-                            env=os.environ.copy(), cwd=REPO)
-    deadline = time.monotonic() + 60
-    while len(gcp.proxy.seen(is_chunk)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the publish finished before it could be killed"
-    proc.kill()
-    proc.wait()
-    gcp.proxy.delay = None
+    kill_publish_midway(gcp.proxy, "gcp", clouds, "gckilled", is_chunk, after=2, delay_s=0.5,
+                        setup="import cloud.gcp\ncloud.gcp.UPLOAD_CHUNK = 256 * 1024  # several chunks to kill between")
     assert gcp.gce.images == {}
 
     result = publish.publish_cloud(flavor, paths, "0.1.0", "gcp")

@@ -6,6 +6,9 @@ code is pointed at them only through the SDKs' standard environment variables.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,5 +192,37 @@ def flavor_paths(flavor: Flavor, seed: int = 1) -> FlavorPaths:
     return paths
 
 
+KILL_SCRIPT = """
+import sys, logging
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, {repo!r})
+from tests.servers.fixtures import make_flavor
+from pipeline.config import FlavorPaths
+from pipeline import publish
+{setup}
+flavor = make_flavor({clouds!r}, name={name!r})
+publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", {cloud!r})
+"""
+
+
+def kill_publish_midway(proxy: FaultProxy, cloud: str, clouds: dict, name: str, is_upload, after: int,
+                        delay_s: float, setup: str = "") -> None:
+    """Run a publish in a child process with the upload requests (is_upload) slowed by
+    delay_s, and SIGKILL it once `after` of them went out: what a cancelled CI job leaves."""
+    proxy.delay = (is_upload, delay_s)
+    repo = str(Path(__file__).resolve().parents[2])
+    script = KILL_SCRIPT.format(repo=repo, setup=setup, clouds=clouds, name=name, cloud=cloud)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(), cwd=repo)
+    try:
+        deadline = time.monotonic() + 60
+        while len(proxy.seen(is_upload)) < after and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the publish finished before it could be killed"
+    finally:
+        proc.kill()
+        proc.wait()
+        proxy.delay = None
+
+
 __all__ = ["server_logs", "moto_server", "aws", "azurite_server", "arm_server", "azure", "gcp_servers", "gcp", "cloud_build_dir",
-           "make_flavor", "flavor_paths", "os"]
+           "make_flavor", "flavor_paths", "kill_publish_midway", "os"]
