@@ -26,7 +26,7 @@ from cloud.aws import deprecate_at
 from cloud.errors import PublishError
 from pipeline import publish
 from pipeline.graph import FlavorContext
-from tests.servers.aws import ImageDeprecations
+from tests.servers.aws import ImageDeprecations, snapshot_bytes
 from tests.servers.disks import nonzero_ranges
 from tests.servers.fixtures import aws, cloud_build_dir, flavor_paths, kill_publish_midway, make_flavor, moto_server, server_logs  # noqa: F401
 from tests.servers.proxy import EC2_THROTTLE, JSON_THROTTLE, SERVER_ERROR, Reply
@@ -37,23 +37,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def aws_flavor(name="awstest", arch="x86_64", **target):
     return make_flavor({"aws": {"regions": ["us-east-1", "eu-west-1"], "workers": 8, **target}}, name=name, arch=arch)
-
-
-def snapshot_bytes(moto, snapshot_id: str, size: int) -> bytes:
-    """The snapshot's content read back with the EBS direct API (absent blocks are zeros)."""
-    ebs = moto.client("ebs")
-    out = bytearray(size)
-    token = None
-    while True:
-        page = ebs.list_snapshot_blocks(SnapshotId=snapshot_id, **({"NextToken": token} if token else {}))
-        for b in page["Blocks"]:
-            data = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=b["BlockIndex"],
-                                          BlockToken=b["BlockToken"])["BlockData"].read()
-            start = b["BlockIndex"] * BLOCK
-            out[start:start + BLOCK] = data[:max(0, size - start)]
-        token = page.get("NextToken")
-        if not token:
-            return bytes(out)
 
 
 def images_named(moto, region, name):

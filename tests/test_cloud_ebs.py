@@ -17,6 +17,7 @@ from pipeline import publish
 from pipeline.config import FlavorPaths
 from pipeline.files import hash_file
 from tests.servers.disks import nonzero_ranges
+from tests.servers.aws import snapshot_bytes
 from tests.servers.ebs import EbsServer
 from tests.servers.fixtures import aws, cloud_build_dir, flavor_paths, make_flavor, moto_server, server_logs  # noqa: F401
 
@@ -53,18 +54,6 @@ def big_build(flavor) -> FlavorPaths:
     return paths
 
 
-def read_back(server: EbsServer, moto, snapshot_id: str, size: int) -> bytes:
-    import boto3
-    client = boto3.client("ebs", region_name="us-east-1", endpoint_url=server.url,
-                          aws_access_key_id="t", aws_secret_access_key="t")
-    out = bytearray(size)
-    for b in client.list_snapshot_blocks(SnapshotId=snapshot_id)["Blocks"]:
-        data = client.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=b["BlockIndex"],
-                                         BlockToken=b["BlockToken"])["BlockData"].read()
-        out[b["BlockIndex"] * BLOCK:(b["BlockIndex"] + 1) * BLOCK] = data
-    return bytes(out[:size])
-
-
 def test_in_process_upload_passes_every_checksum(ebs, aws, cloud_build_dir):
     flavor = make_flavor({"aws": {"regions": ["us-east-1"], "workers": 4}}, name="ebscheck")
     paths = flavor_paths(flavor)
@@ -75,7 +64,7 @@ def test_in_process_upload_passes_every_checksum(ebs, aws, cloud_build_dir):
     # CompleteSnapshot passed the server's aggregate check, so moto saw it complete
     snap = aws.moto.client("ec2").describe_snapshots(SnapshotIds=[result["snapshot"]])["Snapshots"][0]
     assert snap["State"] == "completed"
-    assert read_back(ebs, aws.moto, result["snapshot"], disk.stat().st_size) == disk.read_bytes()
+    assert snapshot_bytes(ebs, result["snapshot"], disk.stat().st_size) == disk.read_bytes()
 
 
 def test_two_worker_processes_upload_exactly_the_data_blocks(ebs, aws, cloud_build_dir):
@@ -89,7 +78,7 @@ def test_two_worker_processes_upload_exactly_the_data_blocks(ebs, aws, cloud_bui
     assert stats["bad_checksums"] == 0 and stats["put_blocks"] == len(wanted)
     assert result["upload"]["bytes_sent"] == len(wanted) * BLOCK
     assert result["upload"]["requests"] == len(wanted)
-    assert read_back(ebs, aws.moto, result["snapshot"], disk.stat().st_size) == disk.read_bytes()
+    assert snapshot_bytes(ebs, result["snapshot"], disk.stat().st_size) == disk.read_bytes()
     (register,) = aws.actions("RegisterImage")  # moto swaps in a snapshot of its own: check the wire
     assert register.form["BlockDeviceMapping.1.Ebs.SnapshotId"] == result["snapshot"]
 

@@ -199,3 +199,21 @@ class EmptyBodySigner:
         signing = AWSRequest("POST", f"http://{req.headers['host']}{req.path}", data=b"{}", headers=headers)
         SigV4Auth(Credentials(key_id, self.secrets[key_id]), service, region).add_auth(signing)
         return self.forward(Request("POST", req.path, {k.lower(): v for k, v in signing.headers.items()}, b"{}"))
+
+
+def snapshot_bytes(server, snapshot_id: str, size: int) -> bytes:
+    """The snapshot's content read back with the EBS direct API from `server` (MotoServer or
+    EbsServer); absent blocks are zeros."""
+    ebs = server.client("ebs")
+    out = bytearray(size)
+    token = None
+    while True:
+        page = ebs.list_snapshot_blocks(SnapshotId=snapshot_id, **({"NextToken": token} if token else {}))
+        for b in page["Blocks"]:
+            data = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=b["BlockIndex"],
+                                          BlockToken=b["BlockToken"])["BlockData"].read()
+            start = b["BlockIndex"] * BLOCK
+            out[start:start + BLOCK] = data[:max(0, size - start)]
+        token = page.get("NextToken")
+        if not token:
+            return bytes(out)

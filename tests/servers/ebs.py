@@ -235,6 +235,12 @@ class EbsServer:
         self.proc = start([sys.executable, "-m", "tests.servers.ebs", "--port", str(self.port),
                            "--upstream", upstream], self.port, "ebs server", logdir / "ebs-server.log", cwd=REPO)
 
+    def client(self, service: str = "ebs"):
+        """An EBS client straight to this server (for reading snapshots back)."""
+        import boto3
+        return boto3.client(service, region_name="us-east-1", endpoint_url=self.url,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
     def faults(self, **set_faults) -> dict:
         req = urllib.request.Request(f"{self.url}/_faults", method="POST" if set_faults else "GET",
                                      data=json.dumps(set_faults).encode() if set_faults else None)
