@@ -188,8 +188,8 @@ def main() -> int:
             f = make_flavor({"aws": {**clouds["aws"], **aws}}, name=name)
             p = FlavorPaths(f)
             p.build.mkdir(parents=True, exist_ok=True)
-            for name in (raw.name, "manifest.json"):
-                os.symlink(os.path.realpath(paths.build / name), p.build / name)
+            for file in (raw.name, "manifest.json"):
+                os.symlink(os.path.realpath(paths.build / file), p.build / file)
             return f, p
 
         row("aws ebs-direct (moto)", raw, measured("aws", *aws_variant("benchmoto", processes=1), moto.proc.pid))

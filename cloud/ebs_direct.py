@@ -77,7 +77,8 @@ class _Sender:
     """One client and a thread pool, in the calling process or in a worker process."""
 
     def __init__(self, job: Job, client=None):
-        from .aws import client_config  # here, not at the top: cloud.aws imports this module
+        from .aws import _aws_error, client_config  # here, not at the top: cloud.aws imports this module
+        self._error = _aws_error
         self.job = job
         self.ebs = client
         if client is None:  # a worker process: its own client, with the parent's frozen credentials
@@ -108,7 +109,6 @@ class _Sender:
         return digests
 
     def _put(self, index: int, data: bytes, checksum: str) -> None:
-        from .aws import _aws_error
         deadline = time.monotonic() + SNAPSHOT_APPEAR_S
         delay = 0.5
         while True:
@@ -122,9 +122,9 @@ class _Sender:
                     time.sleep(delay)
                     delay = min(delay * 2, 10)
                     continue
-                raise _aws_error(exc, f"PutSnapshotBlock {index} of {self.job.snapshot_id}") from exc
+                raise self._error(exc, f"PutSnapshotBlock {index} of {self.job.snapshot_id}") from exc
             except BotoCoreError as exc:
-                raise _aws_error(exc, f"PutSnapshotBlock {index} of {self.job.snapshot_id}") from exc
+                raise self._error(exc, f"PutSnapshotBlock {index} of {self.job.snapshot_id}") from exc
 
 
 _worker: _Sender | None = None

@@ -13,6 +13,7 @@ SOURCE_DATE_EPOCH make FAT images byte-identical for the same input.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -53,6 +54,7 @@ def grub_dir(target: str) -> Path:
     return path
 
 
+@functools.cache  # read once per process, not once per task of every flavor
 def host_grub_fingerprint() -> str:
     """Identifies the host's GRUB build (modinfo.sh carries its package version and build
     options): a doit key of the ISO and disk tasks, so a host GRUB upgrade re-makes them.
