@@ -46,7 +46,7 @@ class System:
 
     def run(self, cmd: Sequence[str | Path], *, check: bool = True, capture: bool = True,
             input: bytes | None = None, env: Mapping[str, str] | None = None,
-            cwd: str | Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+            cwd: str | Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run one command; log it; raise CosError with stderr's tail on failure.
         In dry-run mode the command is only logged."""
         argv = [str(c) for c in cmd]
@@ -64,9 +64,10 @@ class System:
         return proc
 
 
-def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+def write_atomic(path: Path, data: bytes, mode: int | None = None, owner: tuple[int, int] | None = None) -> None:
     """Write `path` under a temporary name in the same directory, then rename: a reader
-    (or a power cut) sees the old file or the new one, never half of it."""
+    (or a power cut) sees the old file or the new one, never half of it. `owner` (uid, gid)
+    is set on the temporary file, so the final name is never briefly root's."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -80,6 +81,8 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         else:
             os.chmod(tmp, 0o644)
+        if owner is not None:
+            os.chown(tmp, *owner)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
