@@ -34,8 +34,8 @@ def make_root(base: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
+@pytest.fixture(name="root")
+def root_fixture(tmp_path: Path) -> Path:
     return make_root(tmp_path)
 
 

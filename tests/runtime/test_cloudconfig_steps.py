@@ -11,7 +11,7 @@ import pytest
 
 from runtime.cloudconfig.shacrypt import sha512_crypt
 
-from .cloudconfig_root import log_of, root, stage, write_config  # noqa: F401 (root is a fixture)
+from .cloudconfig_root import log_of, root_fixture, stage, write_config  # noqa: F401 (a fixture)
 
 
 def one_step(root: Path, step: str, name: str = "initramfs") -> bool:
@@ -171,7 +171,8 @@ def test_systemctl_enable_disable_mask_in_the_root(root: Path) -> None:
     units = root / "usr/lib/systemd/system"
     units.mkdir(parents=True)
     for name in ("app", "old"):
-        (units / f"{name}.service").write_text(f"[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n")
+        (units / f"{name}.service").write_text(
+            "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n")
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True)
     (wants / "old.service").symlink_to("/usr/lib/systemd/system/old.service")

@@ -21,6 +21,7 @@ import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
 Answer = tuple[int, dict[str, str], bytes]
@@ -85,7 +86,7 @@ class MetadataServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> MetadataServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -172,9 +173,10 @@ class GceMetadata(MetadataServer):
         MetadataServer.__init__(self)
 
     def start(self, user_data: str | None = None, ssh_keys: str | None = None,
-              project_ssh_keys: str | None = None, port: int = 0, **attributes: str) -> int:
-        """ssh_keys: GCE's "user:ssh-ed25519 AAAA... comment" lines."""
-        self.attributes = dict(attributes)
+              project_ssh_keys: str | None = None, attributes: dict[str, str] | None = None, port: int = 0) -> int:
+        """ssh_keys: GCE's "user:ssh-ed25519 AAAA... comment" lines; attributes: other
+        instance attributes (e.g. block-project-ssh-keys)."""
+        self.attributes = dict(attributes or {})
         if user_data is not None:
             self.attributes["user-data"] = user_data
         if ssh_keys is not None:
