@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
+import importlib.util
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -265,3 +268,34 @@ def test_layout_failure_is_logged_and_does_not_stop_the_stage(root: Path) -> Non
 def test_layout_not_a_mapping(root: Path) -> None:
     assert not one_step(root, "layout: [x]")
     assert "layout: expected a mapping, got a list" in log_of(root, "initramfs")
+
+
+LAYOUT_LANDED = importlib.util.find_spec("runtime.install.disks") is not None
+
+
+@pytest.mark.skipif(not LAYOUT_LANDED, reason="runtime/install/layout.py (branch deploy) not merged yet")
+@pytest.mark.skipif(shutil.which("sgdisk") is None or shutil.which("mkfs.ext4") is None,
+                    reason="needs gdisk and e2fsprogs")
+def test_layout_through_the_runner_on_a_disk_file_then_nothing_changes(root: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(128 * 1024 * 1024)
+    subprocess.run(["sgdisk", "--clear", "--new=1:2048:+16M", "--change-name=1:recovery", disk], check=True,
+                   capture_output=True)
+    write_config(root, "/oem/50.yaml", f"""\
+        stages:
+          rootfs.after:
+            - name: Repart image
+              layout:
+                device: {{path: {disk}}}
+                add_partitions:
+                  - {{fsLabel: COS_STATE, size: 32, pLabel: state}}
+                  - {{fsLabel: COS_PERSISTENT, pLabel: persistent}}
+        """)
+    assert stage(root, "rootfs"), log_of(root, "rootfs")
+    parts = json.loads(subprocess.run(["sfdisk", "--json", disk], check=True, capture_output=True).stdout)
+    names = [(p.get("name"), p["size"] * 512 // 2**20) for p in parts["partitiontable"]["partitions"]]
+    assert names[:2] == [("recovery", 16), ("state", 32)] and names[2][0] == "persistent" and names[2][1] > 60
+    first = hashlib.sha256(disk.read_bytes()).hexdigest()
+    assert stage(root, "rootfs")
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == first
