@@ -28,7 +28,7 @@ from ..system import CosError, System, write_atomic
 
 log = logging.getLogger("cos")
 
-PROBE_TIMEOUT = 2.0     # a missing service: connect refused at once, or silence this long
+PROBE_TIMEOUT = 3.0     # a missing service: connect refused at once, or silence this long (TCG guests are slow)
 FETCH_TIMEOUT = 10.0    # once a platform answered, its other answers may take a little longer
 METADATA_IP = "http://169.254.169.254"
 AZURE_WIRE = "http://168.63.129.16"

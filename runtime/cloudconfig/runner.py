@@ -3,6 +3,7 @@
 still runs; the result says whether everything succeeded."""
 from __future__ import annotations
 
+import gzip
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -49,9 +50,11 @@ def found_documents(found: ds.Found) -> list[Document]:
                     actions=[Action(BY_KEY["authorized_keys"], {"root": found.ssh_keys})])
         docs.append(Document(f"datasource {found.datasource} (keys)", stages={KEYS_STAGE: [step]}))
     try:
-        text = found.user_data.decode()
-    except UnicodeDecodeError:
-        return [*docs, Document(f"datasource {found.datasource} (user-data)", errors=["user-data is not UTF-8 text"])]
+        raw = gzip.decompress(found.user_data) if found.user_data[:2] == b"\x1f\x8b" else found.user_data
+        text = raw.decode()
+    except (UnicodeDecodeError, OSError, EOFError):
+        return [*docs, Document(f"datasource {found.datasource} (user-data)",
+                                errors=["user-data is neither UTF-8 text nor gzip of it"])]
     doc = parse_text(text, f"datasource {found.datasource} (user-data)")
     return docs + ([doc] if doc else [])
 

@@ -3,6 +3,7 @@ GCE, Azure (with its Ready report), NoCloud seed; the per-boot cache, late stage
 probing that stays short when nothing is there."""
 from __future__ import annotations
 
+import gzip
 import socket
 import time
 import urllib.error
@@ -94,6 +95,12 @@ def test_ec2_without_user_data_or_keys(root: Path, ec2: Ec2Imds) -> None:
     ec2.start()
     assert stage(root, "network", sources=[ds.Ec2(ec2.url)])
     assert (root / "run/cos/datasource").read_text() == "ec2\n" and (root / "run/cos/userdata").read_bytes() == b""
+
+
+def test_ec2_gzipped_user_data(root: Path, ec2: Ec2Imds) -> None:
+    ec2.start(user_data=gzip.compress(LATE_USER_DATA.encode()))
+    assert stage(root, "network", sources=[ds.Ec2(ec2.url)])
+    assert order(root) == ["rootfs.after", "initramfs", "boot", "network"]
 
 
 def test_ec2_bad_user_data_is_a_failure_not_a_crash(root: Path, ec2: Ec2Imds) -> None:

@@ -68,6 +68,7 @@ def test_files_all_encodings_permissions_and_owner(root: Path) -> None:
     ("{path: /etc/x, content: '!!notbase64', encoding: b64}", "files[0].content: not valid b64"),
     ("{path: /etc/x, content: x, encoding: rot13}", "unknown encoding 'rot13'"),
     ("{path: etc/x, content: x}", "'etc/x' is not an absolute path"),
+    ("{path: /etc/../../x, content: x}", "'/etc/../../x' contains '..'"),
     ("{path: /etc/x, content: x, permision: 0644}", "unknown key 'permision'"),
     ("{path: /etc/x, content: x, permissions: '0999'}", "expected octal permissions"),
     ("{content: x}", "missing required key 'path'"),

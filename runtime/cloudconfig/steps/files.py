@@ -55,6 +55,8 @@ def _path(value: Any, where: str) -> str:
     path = string(value, where)
     if not path.startswith("/"):
         raise SpecError(f"{where}: '{path}' is not an absolute path")
+    if ".." in path.split("/"):
+        raise SpecError(f"{where}: '{path}' contains '..'")  # it could leave the target root
     return path
 
 
