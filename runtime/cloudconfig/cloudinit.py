@@ -113,7 +113,8 @@ def _stages(cfg: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     if "ssh_pwauth" in cfg:
         on = boolean(cfg["ssh_pwauth"], "ssh_pwauth")
         files.append({"path": PWAUTH_DROPIN, "permissions": 0o644,
-                      "content": f"# from cloud-config ssh_pwauth\nPasswordAuthentication {'yes' if on else 'no'}\n"})
+                      "content": f"# from cloud-config ssh_pwauth (the cos-network package's default is no)\n"
+                                 f"PasswordAuthentication {'yes' if on else 'no'}\nKbdInteractiveAuthentication no\n"})
     if files:
         add("boot", {"name": "cloud-config write_files", "files": files})
     if cfg.get("runcmd"):

@@ -229,7 +229,7 @@ def test_cloud_config_mapping(root: Path) -> None:
     assert (root / "etc/sudoers.d/90-cloud-config-users").read_text() == "carol ALL=(ALL) NOPASSWD:ALL\n"
     assert (root / "home/carol/.ssh/authorized_keys").read_text() == "ssh-ed25519 AAAACarol carol@x\n"
     assert (root / "root/.ssh/authorized_keys").read_text() == "ssh-ed25519 AAAARoot root@x\n"
-    assert (root / "etc/ssh/sshd_config.d/50-cos-pwauth.conf").read_text().endswith("PasswordAuthentication yes\n")
+    assert "\nPasswordAuthentication yes\n" in (root / "etc/ssh/sshd_config.d/50-cos-pwauth.conf").read_text()
     cc = root / "etc/cc-file"
     assert cc.read_bytes() == b"hi" and cc.stat().st_mode & 0o777 == 0o600 and cc.stat().st_uid == 1000
     assert "#cloud-config keys not supported, ignored: packages" in log_of(root, "boot")
