@@ -12,9 +12,9 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 log = logging.getLogger("cos")
 
@@ -62,6 +62,24 @@ class System:
             raise CosError(f"'{Path(argv[0]).name}' exited {proc.returncode}: {shlex.join(argv)}"
                            + ("\n    " + "\n    ".join(tail) if tail else ""))
         return proc
+
+    def run_logged(self, cmd: Sequence[str | Path], *, env: Mapping[str, str] | None = None,
+                   cwd: str | Path | None = None) -> int:
+        """Run one command with its stdout+stderr logged line by line as they come (a
+        long command such as cos-deploy shows progress, and a reboot it triggers loses
+        nothing already printed); returns the exit code. Dry-run: only logged, 0."""
+        argv = [str(c) for c in cmd]
+        if shutil.which(argv[0]) is None and not os.path.isabs(argv[0]):
+            raise CosError(f"required tool '{argv[0]}' is not installed", "install it in the OS image")
+        log.info("$ %s", shlex.join(argv))
+        if self.dry_run:
+            return 0
+        with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              cwd=cwd, env={**os.environ, **self.env, **(env or {})}) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.info("  | %s", line.decode(errors="replace").rstrip("\n"))
+        return proc.returncode
 
 
 def write_atomic(path: Path, data: bytes, mode: int | None = None, owner: tuple[int, int] | None = None) -> None:

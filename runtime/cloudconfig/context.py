@@ -12,8 +12,6 @@ from ..system import CosError, System, write_atomic
 
 log = logging.getLogger("cos")
 
-OUTPUT_TAIL_LINES = 20
-
 
 @dataclass
 class Context:
@@ -60,16 +58,17 @@ class Context:
     def shell_env(self) -> dict[str, str]:
         return {"COS_ROOT": str(self.system.root), "COS_STAGE": self.stage}
 
+    @property
+    def cwd(self) -> Path | None:
+        """Where commands run: as is on the running system; in the root on a scratch root
+        (scripts use "$COS_ROOT/etc/..." to work in both)."""
+        return None if self.system.is_host_root else self.system.root
+
     def shell(self, script: str, timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
-        """`sh -c script`: on the running system as is; on a scratch root on the host with
-        cwd=root and COS_ROOT set (scripts use "$COS_ROOT/etc/..." to work in both)."""
-        cwd = None if self.system.is_host_root else self.system.root
+        """`sh -c script` with its output captured (for `if` conditions)."""
         try:
-            return self.system.run(["sh", "-c", script], check=False, env=self.shell_env(), cwd=cwd, timeout=timeout)
+            return self.system.run(["sh", "-c", script], check=False, env=self.shell_env(), cwd=self.cwd,
+                                   timeout=timeout)
         except subprocess.TimeoutExpired:
             raise CosError(f"'{script}' did not finish within {timeout:.0f}s") from None
 
-
-def output_tail(proc: subprocess.CompletedProcess[bytes]) -> list[str]:
-    text = (proc.stdout or b"").decode(errors="replace") + (proc.stderr or b"").decode(errors="replace")
-    return text.strip().splitlines()[-OUTPUT_TAIL_LINES:]

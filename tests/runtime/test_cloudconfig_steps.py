@@ -99,14 +99,17 @@ def test_failing_command_stops_its_step_not_the_stage(root: Path) -> None:
         stages:
           boot:
             - name: broken
-              commands: ["echo partial > $COS_ROOT/a", "exit 7", "echo never > $COS_ROOT/b"]
+              commands: ["echo partial > $COS_ROOT/a", "echo to-stdout; echo to-stderr >&2; exit 7",
+                         "echo never > $COS_ROOT/b"]
             - name: after
               commands: ["echo after > $COS_ROOT/c"]
         """)
     write_config(root, "/oem/60.yaml", "stages:\n  boot:\n    - commands: ['touch $COS_ROOT/d']\n")
     assert not stage(root, "boot")
     assert (root / "a").exists() and not (root / "b").exists() and (root / "c").exists() and (root / "d").exists()
-    assert "/oem/50.yaml: boot: step 'broken': commands: FAILED: command exited 7: exit 7" in log_of(root, "boot")
+    log = log_of(root, "boot")
+    assert "/oem/50.yaml: boot: step 'broken': commands: FAILED: command exited 7: echo to-stdout;" in log
+    assert "  | to-stdout\n" in log and "  | to-stderr\n" in log  # the command's output, in the stage log
 
 
 def test_if_false_skips_the_step_with_a_log_line(root: Path) -> None:

@@ -2,14 +2,11 @@
 commands of a step usually depend on earlier ones), later steps still run."""
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ...system import CosError
-from ..context import Context, output_tail
+from ..context import Context
 from ..spec import str_list
-
-log = logging.getLogger("cos")
 
 
 def parse(value: Any, where: str) -> list[str]:
@@ -18,8 +15,6 @@ def parse(value: Any, where: str) -> list[str]:
 
 def apply(spec: list[str], ctx: Context) -> None:
     for command in spec:
-        proc = ctx.shell(command)
-        for line in output_tail(proc):
-            log.info("  | %s", line)
-        if proc.returncode != 0:
-            raise CosError(f"command exited {proc.returncode}: {command}")
+        code = ctx.system.run_logged(["sh", "-c", command], env=ctx.shell_env(), cwd=ctx.cwd)
+        if code != 0:
+            raise CosError(f"command exited {code}: {command}")
