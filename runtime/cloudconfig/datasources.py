@@ -308,6 +308,8 @@ def _try(ds: Datasource, system: System) -> tuple[Found | None, str | None]:
         return ds.probe(system), None
     except (CosError, OSError) as exc:
         return None, f"datasource {ds.name}: {exc}"
+    except Exception as exc:  # an odd answer (bad encoding, odd JSON) must not cost the boot its stage
+        return None, f"datasource {ds.name}: {type(exc).__name__}: {exc}"
 
 
 def probe(sources: list[Datasource], system: System, network: bool) -> tuple[Found | None, list[str]]:

@@ -72,13 +72,12 @@ def parse_step(raw: Any, where: str, index: int) -> Step:
         step.condition = opt_string(spec.get("if"), "if")
     except SpecError as exc:
         step.errors.append(str(exc))
-    for plugin in BY_KEY.values():
+    for plugin in BY_KEY.values():  # in plugin order, whatever the order in the YAML
         if plugin.key in spec and spec[plugin.key] is not None:
             try:
                 step.actions.append(Action(plugin, plugin.parse(spec[plugin.key], plugin.key)))
             except SpecError as exc:
                 step.errors.append(str(exc))
-    step.actions.sort(key=lambda a: list(BY_KEY).index(a.plugin.key))
     return step
 
 
