@@ -245,3 +245,27 @@ def test_cloud_config_bad_input(root: Path) -> None:
     write_config(root, "/oem/50_user.yaml", "#cloud-config\nwrite_files: {path: /x}\n")
     assert not stage(root, "boot")
     assert "/oem/50_user.yaml: FAILED: write_files: expected a list" in log_of(root, "boot")
+
+
+def test_runner_needs_only_the_stdlib_and_yaml(tmp_path: Path) -> None:
+    """What the image has: the distro's python3 and PyYAML. The runner is imported from a
+    copy of runtime/ alone, so no import of pipeline/, cloud/ or a PyPI package can hide."""
+    import shutil
+
+    shutil.copytree(REPO / "runtime", tmp_path / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+    code = """if True:
+        import pkgutil, sys
+        sys.path.insert(0, sys.argv[1])  # as the image's launcher does
+        import runtime.cloudconfig as cc
+        for m in pkgutil.walk_packages(cc.__path__, "runtime.cloudconfig."):
+            if not m.name.endswith("__main__"):
+                __import__(m.name)
+        # PyYAML's C loader brings Cython's runtime; a venv's site brings setuptools' hook
+        extra = sorted(n for n in {m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names)
+                       - {"runtime", "yaml", "_yaml", "__main__", "cython_runtime", "_distutils_hack"}
+                       if not n.startswith("_cython_"))
+        print(" ".join(extra))
+    """
+    proc = subprocess.run([sys.executable, "-I", "-B", "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
