@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -195,6 +196,7 @@ def test_systemctl_enable_disable_mask_in_the_root(root: Path) -> None:
 # -- users / authorized_keys ----------------------------------------------------------------
 def test_users_create_with_plain_password_groups_shell_home_and_keys(root: Path) -> None:
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests alice@test"
+    os.chown(root / "etc/shadow", 0, 42)  # Debian: root:shadow 0640
     assert one_step(root, f"""\
 users:
   alice:
@@ -219,7 +221,8 @@ authorized_keys:
     assert keys.read_text() == f"{key}\nssh-rsa AAAAB3Second alice@two\n"  # users first, then deduplicated
     assert keys.stat().st_mode & 0o777 == 0o600 and keys.stat().st_uid == 1000
     assert (home / ".ssh").stat().st_mode & 0o777 == 0o700
-    assert (root / "etc/shadow").stat().st_mode & 0o777 == 0o640  # the account files keep their modes
+    shadow = (root / "etc/shadow").stat()
+    assert (shadow.st_mode & 0o777, shadow.st_gid) == (0o640, 42)  # the account files keep mode and owner
 
 
 def test_users_existing_user_hash_lock_and_homedir(root: Path) -> None:
