@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,15 @@ from . import datasources as ds
 from .runner import run_stage
 
 log = logging.getLogger("cos")
+
+
+class JournalFormatter(logging.Formatter):
+    """Under systemd, a "<N>" prefix gives each line its priority in the journal, so
+    `journalctl -p err` shows exactly the failed steps."""
+    PRIORITY = {logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{record.getMessage()}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -44,7 +54,8 @@ def sources(overrides: list[str]) -> list[ds.Datasource]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("cos-setup: %(message)s"))
+    handler.setFormatter(JournalFormatter() if os.environ.get("JOURNAL_STREAM") else
+                         logging.Formatter("cos-setup: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:

@@ -157,6 +157,15 @@ def test_cli_exit_codes_and_log(root: Path, tmp_path: Path, capfd: pytest.Captur
     assert main(["--root", str(root), "--cmdline", str(tmp_path / "none"), "boot"]) == 2
 
 
+def test_cli_under_systemd_gives_journal_priorities(root: Path) -> None:
+    write_config(root, "/oem/10.yaml", "stages:\n  boot:\n    - name: broken\n      commands: [exit 5]\n")
+    proc = subprocess.run([sys.executable, "-m", "runtime.cloudconfig", "--root", str(root), "boot"], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "JOURNAL_STREAM": "8:1234"})
+    assert proc.returncode == 1
+    assert "<3>/oem/10.yaml: boot: step 'broken': commands: FAILED: command exited 5: exit 5\n" in proc.stderr
+    assert "<6>stage boot: root" in proc.stderr
+
+
 def test_cli_as_a_program_dry_run(root: Path) -> None:
     write_config(root, "/oem/10.yaml", "stages:\n  boot:\n    - files: [{path: /etc/motd, content: hi}]\n")
     proc = subprocess.run([sys.executable, "-m", "runtime.cloudconfig", "--root", str(root), "--dry-run", "boot"],
