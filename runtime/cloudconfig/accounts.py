@@ -66,8 +66,10 @@ class Accounts:
         return cls(ctx, *tables)
 
     def save(self) -> None:
-        """Write the changed tables; shadow files are 0640 root:shadow-ish when new (0600)."""
-        for table in (self.group, self.gshadow, self.passwd, self.shadow):
+        """Write the changed tables, passwd last: cut off midway, a user exists only with
+        its shadow entry and groups in place (orphan shadow/group lines are harmless).
+        A shadow file made new is 0600; existing files keep mode and owner."""
+        for table in (self.shadow, self.gshadow, self.group, self.passwd):
             if not table.changed or (not table.exists and table.path == "/etc/gshadow"):
                 continue
             mode = None if table.exists else (0o600 if "shadow" in table.path else 0o644)
