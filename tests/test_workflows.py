@@ -29,6 +29,7 @@ from tests.conftest import REPO, run_doit
 
 WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.yml"))
 CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
+AUDIT = REPO / "scripts" / "audit-workflows"
 SHELL_UTILS = {"cat", "echo", "printf", "test", "true", "mkdir", "ls", "df", "du", "tee"}
 EXPR = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
 
@@ -181,12 +182,127 @@ def test_repo_scripts_the_workflows_call_exist():
             assert (REPO / target).is_file(), f"{wf}: {name!r} calls {target}, which does not exist"
 
 
-def test_actions_are_pinned_to_a_release():
-    for path in WORKFLOWS:
-        for _, _, step in steps(load(path)):
-            if "uses" in step:
-                assert re.match(r"^[\w.-]+/[\w./-]+@(v\d+(\.\d+)*|[0-9a-f]{40})$", step["uses"]), \
-                    f"{path.name}: {step['uses']} is not pinned to a release tag or commit"
+USES_LINE = re.compile(r"^\s*(?:-\s+)?uses:\s*(?P<ref>[^\s#]+)\s*(?:#\s*(?P<comment>.*?)\s*)?$")
+SHA_REF = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
+VERSION_TAG = re.compile(r"^v\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$")
+
+
+def pin_problem(line: str) -> str | None:
+    """Why a `uses:` line is not pinned to a commit with its exact version in a comment."""
+    m = USES_LINE.match(line)
+    if not m:
+        return "not a plain `uses: owner/repo@sha # vX.Y.Z` line"
+    if m["ref"].startswith("./"):
+        return None  # a local action is part of the checkout itself
+    if not SHA_REF.match(m["ref"]):
+        return f"{m['ref']} is not pinned to a full 40-hex commit SHA"
+    if not (m["comment"] and VERSION_TAG.match(m["comment"])):
+        return f"{m['ref']} lacks the version it pins in a comment (# vX.Y.Z)"
+    return None
+
+
+def uses_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if re.match(r"^\s*(?:-\s+)?uses:", line)]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_actions_are_pinned_to_a_commit_with_version_comment(path):
+    lines = uses_lines(path)
+    # every step's `uses` is on such a line (none hides in flow style or a quoted form)
+    declared = sorted(s["uses"] for _, _, s in steps(load(path)) if "uses" in s)
+    assert sorted(USES_LINE.match(line)["ref"] for line in lines if USES_LINE.match(line)) == declared
+    bad = [f"{path.name}: {line.strip()}: {why}" for line in lines if (why := pin_problem(line))]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("line", [
+    "      - uses: actions/checkout@v5",
+    "        uses: actions/cache@main # v5.0.5",
+    "        uses: actions/cache@27d5ce7 # v5.0.5",
+    "        uses: actions/cache@27d5ce7f107fe9357f9df03efb73ab90386fccae",
+    "        uses: actions/cache@27d5ce7f107fe9357f9df03efb73ab90386fccae # v5",
+    "        uses: actions/cache@27d5ce7f107fe9357f9df03efb73ab90386fccae # cache",
+    "        uses: 'actions/cache@27d5ce7f107fe9357f9df03efb73ab90386fccae' # v5.0.5",
+])
+def test_pin_checker_refuses(line):
+    assert pin_problem(line)
+
+
+@pytest.mark.parametrize("line", [
+    "      - uses: actions/checkout@fbc6f3992d24b796d5a048ff273f7fcc4a7b6c09 # v5.1.0",
+    "        uses: google-github-actions/auth@7c6bc770dae815cd3e89ee6cdf493a5fab2cc093  #  v3.0.0",
+    "        uses: ./.github/actions/local",
+])
+def test_pin_checker_accepts(line):
+    assert pin_problem(line) is None
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_checkouts_do_not_persist_credentials(path):
+    checkouts = [s for _, _, s in steps(load(path)) if s.get("uses", "").startswith("actions/checkout@")]
+    assert checkouts, f"{path.name} checks nothing out"
+    for step in checkouts:
+        assert (step.get("with") or {}).get("persist-credentials") is False, \
+            f"{path.name}: a checkout leaves the token in .git/config; set persist-credentials: false"
+
+
+def restores_cache(step: dict) -> bool:
+    """A step that brings back state from an earlier run: actions/cache (or its restore
+    half), a setup-* action's `cache:` input, or the docker image cache loader."""
+    uses = step.get("uses", "")
+    if uses.startswith(("actions/cache@", "actions/cache/restore@")):
+        return True
+    if "cache" in (step.get("with") or {}):
+        return True
+    return any(argv[:3] == [".venv/bin/python", "scripts/docker_cache.py", "load"]
+               for argv in commands(step.get("run", "")))
+
+
+@pytest.mark.parametrize("step", [
+    {"uses": "actions/cache@27d5ce7f107fe9357f9df03efb73ab90386fccae", "with": {"path": "build", "key": "k"}},
+    {"uses": "actions/cache/restore@27d5ce7f107fe9357f9df03efb73ab90386fccae", "with": {"key": "k"}},
+    {"uses": "actions/setup-python@a26af69be951a213d495a4c3e4e4022e16d87065", "with": {"cache": "pip"}},
+    {"run": ".venv/bin/python scripts/docker_cache.py load build/.docker-cache"},
+])
+def test_cache_checker_finds_restores(step):
+    assert restores_cache(step)
+
+
+def test_release_restores_no_cache():
+    wf = load(REPO / ".github/workflows/release.yml")
+    found = [s.get("name") or s.get("uses") or s.get("run") for _, _, s in steps(wf) if restores_cache(s)]
+    assert not found, f"the release must build from its checkout only, not from caches other refs wrote: {found}"
+
+
+def run_audit(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(root / "scripts" / "audit-workflows")], check=False, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_zizmor_audit_finds_nothing():
+    out = run_audit(REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "No findings" in out.stdout
+
+
+def test_zizmor_audit_fails_on_each_fault(tmp_path):
+    """The same script on a copy of the repo layout whose release workflow has an unpinned
+    action, a credential-persisting checkout and a cache: non-zero, each audit named."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "audit-workflows").symlink_to(AUDIT)
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    wf_dir = tmp_path / ".github" / "workflows"
+    wf_dir.mkdir(parents=True)
+    (wf_dir / "release.yml").write_text(
+        "name: release\non:\n  push:\n    tags: ['v*']\npermissions: {}\njobs:\n  release:\n"
+        "    name: release\n    runs-on: ubuntu-24.04\n    steps:\n"
+        "      - uses: actions/checkout@v5\n"
+        "      - uses: actions/cache@v5\n        with:\n          path: build\n          key: build\n"
+        "      - run: ./dev build red\n")
+    out = run_audit(tmp_path)
+    assert out.returncode != 0
+    for audit in ("unpinned-uses", "artipacked", "cache-poisoning"):
+        assert audit in out.stdout, f"zizmor did not report {audit}:\n{out.stdout}{out.stderr}"
 
 
 def test_release_workflow():
