@@ -46,7 +46,7 @@ class System:
 
     def run(self, cmd: Sequence[str | Path], *, check: bool = True, capture: bool = True,
             input: bytes | None = None, env: Mapping[str, str] | None = None,
-            cwd: str | Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+            cwd: str | Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run one command; log it; raise CosError with stderr's tail on failure.
         In dry-run mode the command is only logged."""
         argv = [str(c) for c in cmd]
