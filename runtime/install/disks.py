@@ -16,7 +16,7 @@ import shutil
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..system import CosError, System
@@ -92,13 +92,18 @@ def _export(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
+def query(system: System) -> System:
+    """The same System for commands that only read (they run in dry-run mode too)."""
+    return replace(system, dry_run=False)
+
+
 def probe(system: System, path: Path, offset: int = 0, size: int | None = None) -> dict[str, str]:
-    """Low-level blkid probe of a device (or of a byte range of a file): TYPE, LABEL, ...;
-    {} when there is no filesystem signature."""
+    """Low-level blkid probe of a device (or of a byte range of a disk or file): TYPE,
+    LABEL, ...; {} when there is no filesystem signature."""
     cmd: list[str | Path] = ["blkid", "-p", "-o", "export"]
     if offset or size is not None:
         cmd += ["-O", str(offset)] + (["-S", str(size)] if size is not None else [])
-    proc = system.run([*cmd, path], check=False)
+    proc = query(system).run([*cmd, path], check=False)
     if proc.returncode == 2:          # nothing found
         return {}
     if proc.returncode != 0:
@@ -115,7 +120,7 @@ def read_disk(system: System, path: Path) -> Disk:
     is_file = stat.S_ISREG(st.st_mode)
     if not is_file and not stat.S_ISBLK(st.st_mode):
         raise CosError(f"{path} is neither a block device nor a disk image file")
-    proc = system.run(["sfdisk", "--json", path], check=False)
+    proc = query(system).run(["sfdisk", "--json", path], check=False)
     if proc.returncode != 0 or not proc.stdout.strip():
         raise CosError(f"{path} has no partition table sfdisk can read",
                        "the layout step works on a GPT disk such as the cOS vanilla disk")
@@ -128,8 +133,11 @@ def read_disk(system: System, path: Path) -> Disk:
     for raw in table.get("partitions", []):
         number = _partition_number(str(raw["node"]), str(table["device"]))
         start, size = int(raw["start"]), int(raw["size"])
-        fs = (probe(system, path, start * sector, size * sector) if is_file
-              else probe(system, Path(raw["node"])) if Path(raw["node"]).exists() else {})
+        # a device's partition through its node; by offset in an image file, or on a disk
+        # whose kernel has not seen the partition yet (no node)
+        node = Path(raw["node"])
+        on_node = not is_file and node.exists()
+        fs = probe(system, node) if on_node else probe(system, path, start * sector, size * sector)
         parts.append(Partition(number, start, size, str(raw["type"]), str(raw.get("uuid", "")),
                                str(raw.get("name", "")), str(raw["node"]), fs.get("TYPE"), fs.get("LABEL")))
     return Disk(path, is_file, sector, int(table["firstlba"]), int(table["lastlba"]),
@@ -158,7 +166,7 @@ def find_partition(system: System, label: str) -> tuple[Path, Path]:
 
 
 def _lsblk_find(system: System, label: str) -> list[tuple[Path, Path]]:
-    proc = system.run(["lsblk", "--json", "--paths", "-o", "NAME,PKNAME,TYPE,LABEL,PARTLABEL"], check=False)
+    proc = query(system).run(["lsblk", "--json", "--paths", "-o", "NAME,PKNAME,TYPE,LABEL,PARTLABEL"], check=False)
     if proc.returncode != 0 or not proc.stdout.strip():
         return []
     found: list[tuple[Path, Path]] = []
@@ -176,11 +184,11 @@ def _lsblk_find(system: System, label: str) -> list[tuple[Path, Path]]:
 def _blkid_find(system: System, label: str) -> list[tuple[Path, Path]]:
     nodes: set[str] = set()
     for tag in ("LABEL", "PARTLABEL"):
-        proc = system.run(["blkid", "-o", "device", "-t", f"{tag}={label}"], check=False)
+        proc = query(system).run(["blkid", "-o", "device", "-t", f"{tag}={label}"], check=False)
         nodes.update(proc.stdout.decode().split())
     found = []
     for node in sorted(nodes):
-        parent = system.run(["lsblk", "-ndo", "PKNAME", "--paths", node], check=False).stdout.decode().strip()
+        parent = query(system).run(["lsblk", "-ndo", "PKNAME", "--paths", node], check=False).stdout.decode().strip()
         if parent:
             found.append((Path(parent), Path(node)))
     return found
@@ -190,13 +198,14 @@ def refresh(system: System, disk: Disk, number: int) -> Path:
     """After a table change on a block device: tell the kernel (partx works while other
     partitions of the disk are mounted, where a full re-read fails), let udev settle, and
     return partition `number`'s node once it exists."""
-    system.run(["partx", "-u", disk.path])
-    system.run(["partx", "-a", disk.path], check=False)  # -u does not add partitions the kernel never saw
+    system.run(["partx", "-u", disk.path])   # adds new partitions, resizes changed ones
     if shutil.which("udevadm"):
         system.run(["udevadm", "settle"], check=False)
+    if system.dry_run:
+        return Path(f"{disk.path}{number}")
     node = Path(next(p.node for p in read_disk(system, disk.path).partitions if p.number == number))
     deadline = time.monotonic() + NODE_WAIT_S
-    while not system.dry_run and not node.exists():
+    while not node.exists():
         if time.monotonic() > deadline:
             raise CosError(f"{node} did not appear after the partition table of {disk.path} changed",
                            "is udev running? try: partx -u " + str(disk.path))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..system import CosError, System
-from .disks import MIB, Disk, Partition, ext_size, extract, find_partition, implant, read_disk, refresh
+from .disks import MIB, Disk, Partition, ext_size, extract, find_partition, implant, query, read_disk, refresh
 
 log = logging.getLogger("cos.layout")
 
@@ -231,11 +231,13 @@ def _make_filesystem(system: System, disk: Disk, part: Partition, want: NewParti
 def _add(system: System, disk: Disk, plan: list[Planned]) -> Disk:
     if any(not p.exists for p in plan):
         args = _sgdisk_args(disk, plan)
-        system.run([*args[:1], "--pretend", *args[1:], disk.path])  # sgdisk checks overlaps/alignment first
+        query(system).run([*args[:1], "--pretend", *args[1:], disk.path])  # sgdisk checks the plan first
         system.run([*args, disk.path])
         if not disk.is_file:
             refresh(system, disk, plan[-1].number)
     if system.dry_run:
+        for p in plan:
+            log.info("layout: would make %s %s on partition %d", p.want.filesystem, p.want.fs_label or "", p.number)
         return disk
     disk = read_disk(system, disk.path)
     for p in plan:
@@ -260,7 +262,7 @@ def _expand(system: System, disk: Disk, size_mib: int) -> None:
             system.run(["sgdisk", "--move-second-header", disk.path])
         script = f", {end - last.start}\n".encode()
         base: list[str | Path] = ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "-N", str(last.number)]
-        system.run([*base, "--no-act", disk.path], input=script)
+        query(system).run([*base, "--no-act", disk.path], input=script)
         system.run([*base, disk.path], input=script)
         if not disk.is_file:
             refresh(system, disk, last.number)

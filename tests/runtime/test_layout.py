@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ def sh(*cmd: str | Path, input: bytes | None = None) -> subprocess.CompletedProc
     return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, input=input)
 
 
-def make_vanilla(path: Path, tmp: Path, grow_to_mib: int) -> Path:
+def make_vanilla(path: Path, tmp: Path, grow_to_mib: int, recovery_label: str = "COS_RECOVERY") -> Path:
     """A small disk like pipeline/disk.py's: GPT, ext4 COS_OEM and COS_RECOVERY with files,
     then grown to `grow_to_mib` as a cloud volume bigger than the image is (the backup GPT
     is then no longer at the end)."""
@@ -43,7 +45,7 @@ def make_vanilla(path: Path, tmp: Path, grow_to_mib: int) -> Path:
             (tree / "cOS").mkdir(parents=True)
             (tree / "cOS" / "recovery.squashfs").write_bytes(b"squash" * 1000)
             img = tmp / f"{name}.img"
-            sh("mkfs.ext4", "-q", "-L", label, "-d", tree, img, f"{mib}M")
+            sh("mkfs.ext4", "-q", "-L", recovery_label if name == "recovery" else label, "-d", tree, img, f"{mib}M")
             sh("dd", f"if={img}", f"of={path}", "bs=1M", f"seek={at}", "conv=notrunc,sparse", "status=none")
         at += mib
     with open(path, "r+b") as f:
@@ -229,3 +231,51 @@ def test_read_disk_sees_labels_in_an_image(disk: Path, tmp_path: Path) -> None:
     rec = d.find("COS_RECOVERY")
     assert rec is not None and rec.name == "recovery" and rec.fs_type == "ext4" and d.find("oem") == d.find("COS_OEM")
     assert d.needs_relocation
+
+
+def test_dry_run_prints_and_writes_nothing(disk: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    before = digest(disk)
+    with caplog.at_level("INFO", logger="cos"):
+        layout.apply(spec_for(disk, expand_partition={"size": 0}), System(root=tmp_path, dry_run=True))
+    assert digest(disk) == before
+    assert "--new=5:" in caplog.text and "would make ext4 COS_STATE on partition 5" in caplog.text
+
+
+@pytest.fixture
+def loop_disk(tmp_path: Path) -> Iterator[tuple[Path, Path, str]]:
+    """The vanilla disk as a real block device (a loop device, nothing mounted), its
+    labels unique to this test: other tests on this machine look labels up too."""
+    tag = os.urandom(3).hex().upper()
+    image = make_vanilla(tmp_path / "disk.raw", tmp_path, grow_to_mib=200, recovery_label=f"REC{tag}")
+    proc = subprocess.run(["losetup", "--find", "--show", "--partscan", str(image)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"no loop device here: {proc.stderr.strip()}")
+    device = Path(proc.stdout.strip())
+    try:
+        sh("partx", "-u", device)   # the partitions a booted kernel would know (--partscan may not here)
+        yield image, device, tag
+    finally:
+        subprocess.run(["losetup", "--detach", str(device)], check=True)
+
+
+def test_on_a_block_device_found_by_label(loop_disk: tuple[Path, Path, str], tmp_path: Path) -> None:
+    """The path the machine takes: lsblk finds the disk by label, sgdisk writes its GPT,
+    partx tells the kernel, mkfs runs on the new partition nodes."""
+    image, device, tag = loop_disk
+    spec = {"device": {"label": f"REC{tag}"},
+            "add_partitions": [{"fsLabel": f"ST{tag}", "size": 64, "pLabel": f"state{tag}"},
+                               {"fsLabel": f"PE{tag}", "pLabel": f"persistent{tag}"}],
+            "expand_partition": {"size": 0}}
+    layout.apply(spec, System())
+    d = read_disk(System(), device)
+    state, persistent = d.find(f"ST{tag}"), d.find(f"PE{tag}")
+    assert state is not None and persistent is not None
+    assert Path(state.node).is_block_device() and state.fs_type == "ext4" and state.name == f"state{tag}"
+    assert state.size == 64 * 2048 and persistent.end == d.last_lba + 1 == 200 * 2048 - 33
+    assert blkid(Path(persistent.node))["LABEL"] == f"PE{tag}"
+    sh("e2fsck", "-fn", persistent.node)
+    sh("blockdev", "--flushbufs", device)
+    once = digest(image)
+    layout.apply(spec, System())
+    sh("blockdev", "--flushbufs", device)
+    assert digest(image) == once
