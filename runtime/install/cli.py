@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     when.add_argument("--poweroff", action="store_true", help="power off after a successful deploy")
     p.add_argument("--force", action="store_true", help="replace a system already deployed on COS_STATE")
     p.add_argument("--strict", action="store_true", help="fail when the after-deploy cloud-config stage fails")
-    p.add_argument("--source", type=Path, default=deploy.DEFAULT_SOURCE,
-                   help="the root tree to deploy (default: %(default)s, the recovery squashfs)")
+    p.add_argument("--source", type=Path,
+                   help=f"the root tree to deploy (default: {deploy.DEFAULT_SOURCE} in --root, the recovery squashfs)")
     p.add_argument("--root", type=Path, default=Path("/"),
                    help=f"the system's root (default /; a scratch root for tests): {deploy.RECOVERY_SENTINEL} "
                         "is read from it")

@@ -64,7 +64,7 @@ SPARE_INODES = 4096
 
 @dataclass(frozen=True)
 class Options:
-    source: Path = DEFAULT_SOURCE
+    source: Path | None = None    # the tree to deploy; None: /run/rootfsbase in the System root
     state: Path | None = None     # a directory standing for COS_STATE; None: find and mount the partition
     oem: Path | None = None       # a directory standing for COS_OEM; None: /oem if mounted, else the partition
     force: bool = False
@@ -195,7 +195,9 @@ def _oem(system: System, opts: Options) -> AbstractContextManager[Path]:
 
 def remove_leftovers(state: Path, oem: Path) -> None:
     """What a killed run leaves: the unfinished images and write_atomic's temporary names."""
-    leftovers = [state / TRANSITION, state / PASSIVE_TMP]
+    images = (state / ACTIVE).parent
+    leftovers = [state / TRANSITION]
+    leftovers += [p for p in images.glob(".*") if p.name != Path(INCOMPLETE).name] if images.is_dir() else []
     leftovers += [p for d in {(state / n).parent for n in MENU} if d.is_dir() for p in d.glob(".*.cfg.*")]
     leftovers += list(oem.glob(f".{GRUBENV}.*"))
     for path in leftovers:
@@ -264,18 +266,23 @@ def run_after_deploy(system: System, strict: bool) -> None:
 
 def deploy(system: System, opts: Options) -> None:
     check_recovery(system)
-    check_source(opts.source)
+    source = opts.source or system.path(DEFAULT_SOURCE)
+    check_source(source)
     with _state(system, opts) as state, _oem(system, opts) as oem:
         check_not_deployed(state, opts.force)
         remove_leftovers(state, oem)
-        size = image_size(opts.source)
+        size = image_size(source)
         check_space(state, size)
         (state / ACTIVE).parent.mkdir(parents=True, exist_ok=True)
         _mark(state, incomplete=True)
-        write_menu(opts.source, state)
-        make_active(system, opts.source, state, size)
-        make_passive(system, state)
-        grubenv.update(oem / GRUBENV, next_entry="cos")
+        try:
+            write_menu(source, state)
+            make_active(system, source, state, size)
+            make_passive(system, state)
+            grubenv.update(oem / GRUBENV, next_entry="cos")
+        except CosError:
+            remove_leftovers(state, oem)   # a failed mkfs/copy leaves no half image behind
+            raise
         _mark(state, incomplete=False)
         log.info("deployed: %s and %s on COS_STATE; the next boot starts 'cos'", ACTIVE, PASSIVE)
         run_after_deploy(system, opts.strict)
