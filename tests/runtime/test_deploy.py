@@ -110,6 +110,7 @@ def test_happy_path(machine: dict[str, Path]) -> None:
     assert "User:  1000   Group:  1000" in debugfs(active, "stat /home/user")
     assert "Fast link dest: \"tool0\"" in debugfs(active, "stat /usr/bin/tool0-symlink")
     assert active.stat().st_size < 2 * 1024 ** 3     # sized by the allocated bytes, not the sparse 64 GiB
+    assert f"Size: {64 * 1024 ** 3}" in debugfs(active, "stat /var/log/lastlog")
     if not runner_present():
         assert "after-deploy skipped" in proc.stderr
     assert "after-deploy stage failed" not in proc.stderr
