@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..system import CosError, System, write_atomic
 from . import grubenv
-from .disks import MIB, find_partition
+from .disks import MIB, find_partition, mounts_of
 from .durable import fsync_dir, fsync_file
 
 log = logging.getLogger("cos.deploy")
@@ -149,18 +149,26 @@ def check_not_deployed(state: Path, force: bool) -> None:
 
 @contextmanager
 def _mounted(system: System, label: str, where: str, hint: str) -> Iterator[Path]:
-    """The partition labelled `label` mounted read-write at `where` (in the System root);
-    unmounted afterwards if we mounted it."""
+    """The partition labelled `label`, read-write: where it is already mounted, else
+    mounted at `where` (in the System root) and unmounted afterwards."""
     try:
         _, node = find_partition(system, label)
     except CosError as e:
         raise CosError(f"{e.message} on this machine", hint) from None
+    mounted = mounts_of(node)
+    if mounted:   # already mounted (read-only by the initrd, or left by a killed run): use it rw
+        target, read_only = mounted[0]
+        if not read_only:
+            yield target
+            return
+        system.run(["mount", "-o", "remount,rw", target])
+        try:
+            yield target
+        finally:
+            system.run(["mount", "-o", "remount,ro", target], check=False)
+        return
     target = system.path(where)
     target.mkdir(parents=True, exist_ok=True)
-    if os.path.ismount(target):
-        system.run(["mount", "-o", "remount,rw", target])
-        yield target
-        return
     system.run(["mount", "-o", "rw", node, target])
     try:
         yield target

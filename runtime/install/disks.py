@@ -246,3 +246,16 @@ def ext_size(path: Path, offset: int = 0) -> int | None:
     if struct.unpack_from("<I", sb, 0x60)[0] & EXT_INCOMPAT_64BIT:
         blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
     return blocks << (10 + int(struct.unpack_from("<I", sb, 0x18)[0]))
+
+
+def mounts_of(node: Path) -> list[tuple[Path, bool]]:
+    """Where a block device is mounted: (mount point, read-only) from /proc/self/mounts."""
+    real = str(node.resolve())
+    found = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 4 and fields[0] == real:
+                target = fields[1].encode().decode("unicode_escape")   # \040 for a space
+                found.append((Path(target), "ro" in fields[3].split(",")))
+    return found

@@ -31,7 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from ..system import CosError, System
-from .disks import MIB, Disk, Partition, ext_size, extract, find_partition, implant, query, read_disk, refresh
+from .disks import (
+    MIB,
+    Disk,
+    Partition,
+    ext_size,
+    extract,
+    find_partition,
+    implant,
+    mounts_of,
+    query,
+    read_disk,
+    refresh,
+)
 
 log = logging.getLogger("cos.layout")
 
@@ -288,7 +300,7 @@ def _grow_filesystem(system: System, disk: Disk, part: Partition) -> None:
         return
     log.info("layout: growing the %s filesystem on partition %d to its partition's size", part.fs_type, part.number)
     if not disk.is_file:
-        _resize_ext(system, node, mounted=_is_mounted(node))
+        _resize_ext(system, node, mounted=bool(mounts_of(node)))
         return
     tmp = _scratch(disk, part.number)
     try:
@@ -306,12 +318,6 @@ def _resize_ext(system: System, target: Path, mounted: bool) -> None:
             raise CosError(f"layout: e2fsck found errors it could not fix on {target} (exit {proc.returncode})",
                            f"run e2fsck -f {target} by hand")
     system.run(["resize2fs", target])
-
-
-def _is_mounted(node: Path) -> bool:
-    real = str(node.resolve())
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[0] == real for line in f if line.strip())
 
 
 def _target(system: System, layout: Layout) -> Path:

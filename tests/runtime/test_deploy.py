@@ -4,6 +4,7 @@ e2label, debugfs and e2fsck (no mounts)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,6 +112,11 @@ def test_happy_path(machine: dict[str, Path]) -> None:
     assert "Fast link dest: \"tool0\"" in debugfs(active, "stat /usr/bin/tool0-symlink")
     assert active.stat().st_size < 2 * 1024 ** 3     # sized by the allocated bytes, not the sparse 64 GiB
     assert f"Size: {64 * 1024 ** 3}" in debugfs(active, "stat /var/log/lastlog")
+    if shutil.which("grub-fstest"):   # GRUB's own ext4 driver reads both images (what `loopback` does)
+        for img in (active, machine["state"] / deploy.PASSIVE):
+            menu = sh("grub-fstest", img, "cat", "/etc/cos/grub.cfg").stdout.encode()
+            assert menu == (MENU_SRC / "grub.cfg").read_bytes()
+            assert "tool0-hardlink" in sh("grub-fstest", img, "ls", "/usr/bin").stdout
     if not runner_present():
         assert "after-deploy skipped" in proc.stderr
     assert "after-deploy stage failed" not in proc.stderr
