@@ -270,3 +270,12 @@ def test_grubenv_rejects_a_broken_block(tmp_path: Path) -> None:
         grubenv.update(env, next_entry="cos")
     with pytest.raises(CosError, match="take 1"):
         grubenv.encode({"k": "x" * 1100})
+
+
+def test_reboot_only_after_success_and_never_from_a_scratch_root(machine: dict[str, Path]) -> None:
+    proc = run_cli(*args_for(machine), "--reboot")
+    assert proc.returncode == 0, proc.stderr
+    assert f"not running reboot: {machine['root']} is a scratch root" in proc.stderr
+    (machine["root"] / "run/cos/recovery_mode").unlink()
+    proc = run_cli(*args_for(machine), "--poweroff", "--force")
+    assert proc.returncode == 1 and "poweroff" not in proc.stderr
