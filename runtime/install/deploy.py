@@ -24,7 +24,6 @@ replace the installed system; `cos-deploy --force` re-deploys on purpose.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import shutil
@@ -252,14 +251,9 @@ def _mark(state: Path, incomplete: bool) -> None:
 
 
 def run_after_deploy(system: System, strict: bool) -> None:
-    """The after-deploy cloud-config stage, through the runner (runtime.cloudconfig), when
-    that is installed."""
-    try:
-        runner = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.cloudconfig")
-        run_stage = runner.run_stage
-    except (ImportError, AttributeError):
-        log.info("the cloud-config runner (runtime.cloudconfig.run_stage) is not there: after-deploy skipped")
-        return
+    """The after-deploy cloud-config stage, through the runner (runtime.cloudconfig)."""
+    from ..cloudconfig.runner import run_stage  # late: the runner loads yaml, deploy alone does not
+
     try:
         result = run_stage("after-deploy", system)
         failed = result is False or (type(result) is int and result != 0)
