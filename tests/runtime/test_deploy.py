@@ -122,14 +122,6 @@ def test_happy_path(machine: dict[str, Path]) -> None:
     assert "after-deploy stage failed" not in proc.stderr
 
 
-def runner_present() -> bool:
-    try:
-        from runtime import cloudconfig
-    except ImportError:
-        return False
-    return hasattr(cloudconfig, "run_stage")
-
-
 def test_default_source_is_the_recovery_squashfs_in_the_root(machine: dict[str, Path]) -> None:
     (machine["root"] / "run/rootfsbase").parent.mkdir(parents=True, exist_ok=True)
     machine["source"].rename(machine["root"] / "run/rootfsbase")
@@ -139,13 +131,12 @@ def test_default_source_is_the_recovery_squashfs_in_the_root(machine: dict[str, 
     assert_deployed(machine)
 
 
-@pytest.mark.skipif(not runner_present(), reason="the cloud-config runner (runtime.cloudconfig.run_stage) is not here")
 def test_runs_the_after_deploy_stage(machine: dict[str, Path]) -> None:
     oem_dir = machine["root"] / "system/oem"
     oem_dir.mkdir(parents=True)
     (oem_dir / "90_after_deploy.yaml").write_text(
         "stages:\n  after-deploy:\n    - name: mark\n      files:\n        - path: /etc/deployed\n"
-        "          content: yes\n")
+        "          content: \"yes\"\n")
     proc = run_cli(*args_for(machine))
     assert proc.returncode == 0, proc.stderr
     assert (machine["root"] / "etc/deployed").read_text().strip() == "yes"
