@@ -19,8 +19,6 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from doit.dependency import FileChangedChecker
-
 CHUNK = 4 * 1024 * 1024
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -230,21 +228,3 @@ def file_entry(kind: str, path: Path, base: Path) -> dict:
     """A manifest artifact entry; the digest is cached for doit's checker too."""
     return {"kind": kind, "path": str(Path(path).relative_to(base)),
             "sha256": DIGESTS.sha256(path), "size": Path(path).stat().st_size}
-
-
-class DigestChecker(FileChangedChecker):
-    """doit file_dep checker: same mtime -> unchanged; else compare the cached fast digest."""
-
-    def check_modified(self, file_path, file_stat, state):
-        mtime, size, digest = state
-        if file_stat.st_mtime == mtime:
-            return False
-        if file_stat.st_size != size:
-            return True
-        return DIGESTS.fast(file_path) != digest
-
-    def get_state(self, dep, current_state):
-        st = os.stat(dep)
-        if current_state and current_state[0] == st.st_mtime:
-            return None
-        return (st.st_mtime, st.st_size, DIGESTS.fast(dep))

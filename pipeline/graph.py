@@ -1,6 +1,8 @@
-"""Flavors -> doit task dicts. No work is done here: each action calls a stage.
+"""Flavors -> doit task dicts: the only module that knows doit. No work is done
+here: each action calls a stage, and PipelineError becomes doit's TaskFailed in one
+place (stage_action).
 
-Keys are content, never tags: file_deps are checked by sha256 (files.DigestChecker),
+Keys are content, never tags: file_deps are checked by a cached digest (DigestChecker),
 stages hand each other small JSON records (ids, digests) as files, and config that
 changes an output is a `config_changed` key of the task that makes it.
 """
@@ -11,12 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
+
+from cloud import ARTIFACT_KIND
 
 from . import disk, efi, formats, image, iso, packages, publish, release, squashfs, version
 from .config import REPO_ROOT, Flavor, FlavorPaths, load_all
 from .errors import PipelineError
+from .files import DIGESTS
 
 Task = dict
 
@@ -41,15 +47,35 @@ def _sde() -> str | None:
 
 
 def stage_action(fn: Callable, *args) -> tuple:
-    """A doit python-action that turns PipelineError into one clean failure message."""
-    def action():
+    """A doit python-action that turns PipelineError into one clean failure message.
+    The task's command-line params (e.g. --replace) arrive as keyword arguments."""
+    def action(**params):
         try:
-            fn(*args)
+            fn(*args, **params)
         except PipelineError as exc:
             return TaskFailed(str(exc))
         return None
     action.__name__ = action.__qualname__ = fn.__name__
     return (action, [])
+
+
+class DigestChecker(FileChangedChecker):
+    """doit file_dep checker: same mtime -> unchanged; else compare the cached fast digest
+    (files.DIGESTS: a multi-GB artifact is hashed once, a `touch` costs nothing)."""
+
+    def check_modified(self, file_path, file_stat, state):
+        mtime, size, digest = state
+        if file_stat.st_mtime == mtime:
+            return False
+        if file_stat.st_size != size:
+            return True
+        return DIGESTS.fast(file_path) != digest
+
+    def get_state(self, dep, current_state):
+        st = os.stat(dep)
+        if current_state and current_state[0] == st.st_mtime:
+            return None
+        return (st.st_mtime, st.st_size, DIGESTS.fast(dep))
 
 
 # ---- toolkit packages (shared by all flavors) ----
@@ -173,6 +199,43 @@ def flavor_tasks(ctx: FlavorContext) -> Iterator[Task]:
         yield {"basename": f"build-{ctx.name}", **make(ctx)}
 
 
+# ---- publish, release, cloud-gc ----
+
+def publish_tasks(ctx: FlavorContext) -> Iterator[Task]:
+    """publish-<flavor>[:aws|:azure|:gcp]: up to date when the recorded artifact digest and
+    target config equal the current ones (no cloud call at all)."""
+    clouds = publish.configured(ctx.flavor)
+    base = f"publish-{ctx.name}"
+    yield {"basename": base, "name": None,
+           "doc": f"publish {ctx.name} to its clouds ({', '.join(clouds) or 'none configured'});"
+                  " COS_PUBLISH_DRY_RUN=1 shows the plan only"}
+    for cloud in clouds:
+        yield {"basename": base, "name": cloud,
+               "doc": f"publish the {ARTIFACT_KIND[cloud]} artifact of {ctx.name} as a {cloud} image",
+               "actions": [stage_action(publish.publish_cloud, ctx.flavor, ctx.paths, ctx.version, cloud)],
+               "uptodate": [lambda c=cloud: publish.is_published(ctx.flavor, ctx.paths, c)],
+               "verbosity": 2}
+
+
+def cloud_gc_tasks(ctxs: list[FlavorContext]) -> Iterator[Task]:
+    yield {"basename": "cloud-gc",
+           "doc": "delete cloud images beyond each flavor's retention rule (dry run; --apply deletes)",
+           "actions": [stage_action(publish.gc, ctxs)],
+           "params": [{"name": "apply", "long": "apply", "type": bool, "default": False,
+                       "help": "really delete (default: only list what would be deleted)"}],
+           "uptodate": [False], "verbosity": 2}
+
+
+def release_tasks(ctx: FlavorContext) -> Iterator[Task]:
+    yield {"basename": f"release-{ctx.name}",
+           "doc": f"publish {ctx.name}'s artifacts to the GitHub Release v{ctx.version} "
+                  "(GITHUB_TOKEN, GITHUB_REPOSITORY, GITHUB_API_URL)",
+           "actions": [stage_action(release.release, ctx.flavor, ctx.paths, ctx.version)],
+           "params": [{"name": "replace", "long": "replace", "type": bool, "default": False,
+                       "help": f"overwrite release assets that differ from this build (or {release.REPLACE_ENV}=1)"}],
+           "verbosity": 2}
+
+
 def contexts(root: Path = REPO_ROOT) -> list[FlavorContext]:
     return [FlavorContext(f, FlavorPaths(f, root), version.resolve(f.version, root)) for f in load_all()]
 
@@ -184,7 +247,7 @@ def dodo_tasks() -> dict[str, Callable[[], Iterator[Task]]]:
     creators: dict[str, Callable] = {"task_packages": lambda: package_tasks(names)}
     for ctx in ctxs:
         creators[f"task_build_{ctx.name}"] = (lambda c=ctx: flavor_tasks(c))
-        creators[f"task_publish_{ctx.name}"] = (lambda c=ctx: publish.tasks(c))
-        creators[f"task_release_{ctx.name}"] = (lambda c=ctx: release.tasks(c))
-    creators["task_cloud_gc"] = lambda: publish.gc_tasks(ctxs)
+        creators[f"task_publish_{ctx.name}"] = (lambda c=ctx: publish_tasks(c))
+        creators[f"task_release_{ctx.name}"] = (lambda c=ctx: release_tasks(c))
+    creators["task_cloud_gc"] = lambda: cloud_gc_tasks(ctxs)
     return creators

@@ -109,21 +109,6 @@ def is_published(flavor: Flavor, paths: FlavorPaths, cloud: str) -> bool:
         and done.get("target") == target_digest(flavor, cloud)
 
 
-def tasks(ctx) -> Iterator[dict]:
-    from .graph import stage_action  # late: graph imports this module
-    clouds = configured(ctx.flavor)
-    base = f"publish-{ctx.name}"
-    yield {"basename": base, "name": None,
-           "doc": f"publish {ctx.name} to its clouds ({', '.join(clouds) or 'none configured'});"
-                  " COS_PUBLISH_DRY_RUN=1 shows the plan only"}
-    for cloud in clouds:
-        yield {"basename": base, "name": cloud,
-               "doc": f"publish the {ARTIFACT_KIND[cloud]} artifact of {ctx.name} as a {cloud} image",
-               "actions": [stage_action(publish_cloud, ctx.flavor, ctx.paths, ctx.version, cloud)],
-               "uptodate": [lambda c=cloud: is_published(ctx.flavor, ctx.paths, c)],
-               "verbosity": 2}
-
-
 def gc(ctxs, apply: bool = False) -> list:
     """Delete images beyond each flavor's retention rule (dry run unless apply)."""
     items = []
@@ -138,21 +123,3 @@ def gc(ctxs, apply: bool = False) -> list:
     if not apply:
         log.info("cloud-gc: dry run, %d image(s) would be deleted; run `doit cloud-gc --apply` to delete", len(items))
     return items
-
-
-def gc_tasks(ctxs) -> Iterator[dict]:
-    from doit.exceptions import TaskFailed
-
-    def action(apply: bool) -> Any:
-        try:
-            gc(ctxs, apply)
-        except PipelineError as exc:
-            return TaskFailed(str(exc))
-        return None
-
-    yield {"basename": "cloud-gc",
-           "doc": "delete cloud images beyond each flavor's retention rule (dry run; --apply deletes)",
-           "actions": [(action,)],
-           "params": [{"name": "apply", "long": "apply", "type": bool, "default": False,
-                       "help": "really delete (default: only list what would be deleted)"}],
-           "uptodate": [False], "verbosity": 2}

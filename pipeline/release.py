@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from doit.exceptions import TaskFailed
-
 from . import manifest
 from .config import Flavor, FlavorPaths
 from .errors import PipelineError
@@ -447,10 +445,12 @@ def _update_notes(gh: ReleasesClient, rel: dict, plan: Plan, attempts: int = 3) 
                        f"re-run doit release-{plan.flavor} when the other release jobs are done")
 
 
-# ---------------------------------------------------------------- doit
+# ---------------------------------------------------------------- the stage
 
 def release(flavor: Flavor, paths: FlavorPaths, version: str, *, replace: bool = False,
             limit: int | None = None) -> dict:
+    """`doit release-<flavor>`: prepare locally, then make the release match."""
+    replace = replace or _env_flag(REPLACE_ENV)
     settings = Settings.from_env()
     load_manifest(paths, version)  # cheap checks first: the build is there and of this version
     with ReleasesClient(settings) as gh:
@@ -463,20 +463,3 @@ def release(flavor: Flavor, paths: FlavorPaths, version: str, *, replace: bool =
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-def tasks(ctx) -> Iterator[dict]:
-    def release_action(replace: bool) -> TaskFailed | None:
-        try:
-            release(ctx.flavor, ctx.paths, ctx.version, replace=replace or _env_flag(REPLACE_ENV))
-        except PipelineError as exc:
-            return TaskFailed(str(exc))
-        return None
-
-    yield {"basename": f"release-{ctx.name}",
-           "doc": f"publish {ctx.name}'s artifacts to the GitHub Release v{ctx.version} "
-                  "(GITHUB_TOKEN, GITHUB_REPOSITORY, GITHUB_API_URL)",
-           "actions": [(release_action,)],
-           "params": [{"name": "replace", "long": "replace", "type": bool, "default": False,
-                       "help": f"overwrite release assets that differ from this build (or {REPLACE_ENV}=1)"}],
-           "verbosity": 2}

@@ -224,18 +224,18 @@ def test_gc_keeps_newest_and_is_dry_run_by_default(aws, cloud_build_dir):
 
 
 def test_tasks_only_for_configured_clouds(aws, cloud_build_dir):
-    from pipeline.graph import FlavorContext
+    from pipeline.graph import FlavorContext, publish_tasks
     flavor = aws_flavor(name="tasks")
     paths = flavor_paths(flavor)
     ctx = FlavorContext(flavor, paths, "0.1.0")
-    tasks = list(publish.tasks(ctx))
+    tasks = list(publish_tasks(ctx))
     assert [t.get("name") for t in tasks] == [None, "aws"]
     assert all(t["basename"] == "publish-tasks" for t in tasks)
     uptodate = tasks[1]["uptodate"][0]
     assert uptodate() is False
     publish.publish_cloud(flavor, paths, "0.1.0", "aws")
     assert uptodate() is True
-    assert [t.get("name") for t in publish.tasks(FlavorContext(make_flavor({}, name="none"), paths, "0.1.0"))] == [None]
+    assert [t.get("name") for t in publish_tasks(FlavorContext(make_flavor({}, name="none"), paths, "0.1.0"))] == [None]
 
 
 def run_dodo(*args, env):
