@@ -1,5 +1,5 @@
 """Flavors -> doit task dicts: the only module that knows doit. No work is done
-here: each action calls a stage, and PipelineError becomes doit's TaskFailed in one
+here: each action calls a stage, and our errors become doit's TaskFailed in one
 place (stage_action).
 
 Keys are content, never tags: file_deps are checked by a cached digest (DigestChecker),
@@ -18,10 +18,10 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from cloud import ARTIFACT_KIND
+from core.errors import HintedError
 
 from . import disk, efi, formats, image, iso, packages, publish, release, squashfs, version
 from .config import REPO_ROOT, Flavor, FlavorPaths, load_all
-from .errors import PipelineError
 from .files import DIGESTS
 
 Task = dict
@@ -47,12 +47,13 @@ def _sde() -> str | None:
 
 
 def stage_action(fn: Callable, *args) -> tuple:
-    """A doit python-action that turns PipelineError into one clean failure message.
+    """A doit python-action that turns our errors (pipeline's and cloud's, both
+    HintedError) into one clean failure message.
     The task's command-line params (e.g. --replace) arrive as keyword arguments."""
     def action(**params):
         try:
             fn(*args, **params)
-        except PipelineError as exc:
+        except HintedError as exc:
             return TaskFailed(str(exc))
         return None
     action.__name__ = action.__qualname__ = fn.__name__
