@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Iterator
 
 from . import manifest
-from .config import Flavor, FlavorPaths
+from .artifacts import KINDS, artifact_name
+from .config import FlavorContext, FlavorPaths
 from .errors import PipelineError
 from .files import CHUNK, DIGESTS, atomic_path, hash_file, write_json_atomic
 from .github import ReleasesClient, Settings
@@ -47,14 +48,6 @@ CACHE_DIR = "cache"  # under build/<flavor>/release/: compressed disks and part 
 REPLACE_ENV = "COS_RELEASE_REPLACE"
 LIMIT_ENV = "COS_RELEASE_MAX_ASSET_BYTES"
 
-# manifest artifact kind -> (release asset name, compress with zstd)
-ARTIFACTS: dict[str, tuple[str, bool]] = {
-    "iso": ("cOS-Seed-{flavor}-{version}-{arch}.iso", False),
-    "raw": ("cOS-Vanilla-RAW-{flavor}-{version}-{arch}.raw", True),
-    "azure-vhd": ("cOS-Vanilla-AZURE-{flavor}-{version}-{arch}.vhd", True),
-    "gce-tar": ("cOS-Vanilla-GCE-{flavor}-{version}-{arch}.tar.gz", False),
-    "qcow2": ("cOS-Vanilla-QEMU-{flavor}-{version}-{arch}.qcow2", False),
-}
 
 
 class ReleaseError(PipelineError):
@@ -129,12 +122,12 @@ def load_manifest(paths: FlavorPaths, version: str) -> dict:
 def checked_artifacts(paths: FlavorPaths, data: dict) -> dict[str, tuple[Path, str]]:
     """kind -> (file, sha256) for every releasable kind; all problems in one error."""
     by_kind = {a["kind"]: a for a in data.get("artifacts", [])}
-    missing = [k for k in ARTIFACTS if k not in by_kind]
+    missing = [k for k in KINDS if k not in by_kind]
     if missing:
         raise ReleaseError(f"{paths.manifest} has no artifact of kind {', '.join(missing)}",
                            f"build them: doit build-{paths.flavor.name}")
     out, problems = {}, []
-    for kind in ARTIFACTS:
+    for kind in KINDS:
         entry = by_kind[kind]
         src = paths.build / entry["path"]
         if not src.is_file():
@@ -230,18 +223,17 @@ def image_reference(data: dict) -> str:
     return image.get("pushed") or image.get("reference") or ""
 
 
-def prepare(flavor: Flavor, paths: FlavorPaths, version: str, limit: int | None = None) -> Plan:
+def prepare(ctx: FlavorContext, limit: int | None = None) -> Plan:
     """Everything to upload, made and checksummed under build/<flavor>/release/."""
+    flavor, paths, version = ctx.flavor, ctx.paths, ctx.version
     limit = limit or max_asset_bytes()
     data = load_manifest(paths, version)
     arch = data.get("arch") or flavor.arch
     out_dir = paths.build / "release"
     plan = Plan(flavor.name, arch, version, [])
-    fmt = {"flavor": flavor.name, "version": version, "arch": arch}
     for kind, (src, src_sha) in checked_artifacts(paths, data).items():
-        template, compress = ARTIFACTS[kind]
-        name = template.format(**fmt)
-        if compress:
+        name = artifact_name(kind, flavor.name, version, arch)
+        if KINDS[kind].compress:
             name += ".zst"
             # named by content, not version: a new commit with the same disk reuses it
             path = out_dir / CACHE_DIR / f"{src_sha[:32]}.zst"
@@ -447,15 +439,15 @@ def _update_notes(gh: ReleasesClient, rel: dict, plan: Plan, attempts: int = 3) 
 
 # ---------------------------------------------------------------- the stage
 
-def release(flavor: Flavor, paths: FlavorPaths, version: str, *, replace: bool = False,
-            limit: int | None = None) -> dict:
+def release_stage(ctx: FlavorContext, *, replace: bool = False, limit: int | None = None) -> dict:
     """`doit release-<flavor>`: prepare locally, then make the release match."""
+    paths, version = ctx.paths, ctx.version
     replace = replace or _env_flag(REPLACE_ENV)
     settings = Settings.from_env()
     load_manifest(paths, version)  # cheap checks first: the build is there and of this version
     with ReleasesClient(settings) as gh:
         gh.release_by_tag(release_tag(version))  # token and repository work, before any compression
-        plan = prepare(flavor, paths, version, limit)
+        plan = prepare(ctx, limit)
         result = publish(plan, gh, replace=replace, target=head_commit(paths.root))
     write_json_atomic(paths.state("release"), {**result, "assets": {a.name: a.sha256 for a in plan.assets}})
     return result

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from . import docker_engine, manifest
-from .config import Flavor, FlavorPaths, SquashfsOptions
+from .config import FlavorContext, SquashfsOptions
 from .errors import PipelineError
-from .files import DIGESTS, atomic_path, file_entry
+from .files import atomic_path, file_entry
 from .run import command_failed, require_tool
 
 log = logging.getLogger("cos.squashfs")
@@ -169,7 +169,8 @@ def write_squashfs(image_id: str, opts: SquashfsOptions, sde: int, hostname: str
                 shutil.copyfile(src, part)
 
 
-def build_squashfs(flavor: Flavor, paths: FlavorPaths) -> dict:
+def squashfs_stage(ctx: FlavorContext) -> dict:
+    flavor, paths = ctx.flavor, ctx.paths
     image = json.loads(paths.state("image").read_text())
     out = paths.build / "rootfs.squashfs"
     write_squashfs(image["id"], flavor.squashfs, source_date_epoch(image), f"cos-{flavor.name}",
