@@ -7,7 +7,8 @@ import sys
 from pipeline import log
 from pipeline.config import build_root
 from pipeline.errors import ConfigError
-from pipeline.files import DigestChecker, hold_build_lock
+from pipeline.files import hold_build_lock
+from pipeline.graph import DigestChecker, dodo_tasks
 
 log.setup()
 
@@ -25,7 +26,6 @@ DOIT_CONFIG = {
 }
 
 try:
-    from pipeline.graph import dodo_tasks
     globals().update(dodo_tasks())
 except ConfigError as exc:
     print(f"error: {exc}", file=sys.stderr)

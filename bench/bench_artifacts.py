@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import config, disk, efi, files, formats, iso  # noqa: E402
-from pipeline.config import FlavorPaths, load_flavor  # noqa: E402
+from pipeline import artifacts, config, disk, efi, files, formats, iso  # noqa: E402
+from pipeline.config import FlavorContext, FlavorPaths, load_flavor  # noqa: E402
 
 TARGET = 1.10
 
@@ -57,7 +57,7 @@ def scratch_build(paths: FlavorPaths, scratch: Path) -> FlavorPaths:
     return FlavorPaths(paths.flavor)
 
 
-def by_hand_iso(inp: efi.BootInputs, flavor, out: Path, work: Path) -> str:
+def by_hand_iso(inp: artifacts.BootInputs, flavor, out: Path, work: Path) -> str:
     grub, label = efi.GRUB_LIB, flavor.boot.live_label
     mods = " ".join(efi.BIOS_MODULES)
     emods = " ".join(efi.EFI_MODULES)
@@ -82,7 +82,7 @@ openssl dgst -sha256 -r {out} > {out}.sha256
 """
 
 
-def by_hand_raw(inp: efi.BootInputs, flavor, out: Path, work: Path) -> str:
+def by_hand_raw(inp: artifacts.BootInputs, flavor, out: Path, work: Path) -> str:
     d, grub = flavor.disk, efi.GRUB_LIB
     parts = disk.layout(d)
     starts, total = disk.offsets(parts)
@@ -152,7 +152,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=config.build_root(), prefix=".bench-") as tmp:
         scratch = Path(tmp)
         paths = scratch_build(real, scratch / "build")
-        inputs = efi.boot_inputs(paths)
+        inputs = artifacts.boot_inputs(paths)
+        ctx = FlavorContext(flavor, paths, version)
         hand = scratch / "hand"
         hand.mkdir()
 
@@ -162,23 +163,23 @@ def main() -> int:
             w.mkdir()
             return w
 
-        pipe = best(lambda: iso.iso_stage(flavor, paths, version), args.repeat)
+        pipe = best(lambda: iso.iso_stage(ctx), args.repeat)
         manual = best(lambda: sh(by_hand_iso(inputs, flavor, hand / "x.iso", fresh_work()), scratch), args.repeat)
         rows.append(("ISO", pipe, manual))
 
-        pipe = best(lambda: disk.raw_stage(flavor, paths, version), args.repeat)
+        pipe = best(lambda: disk.raw_stage(ctx), args.repeat)
         manual = best(lambda: sh(by_hand_raw(inputs, flavor, hand / "x.raw", fresh_work()), scratch), args.repeat)
         rows.append(("raw disk", pipe, manual))
 
-        raw = disk.raw_path(flavor, paths, version)
+        raw = artifacts.path(ctx, "raw")
         for kind in formats.FORMATS:
-            pipe = best(lambda: formats.format_stage(kind, flavor, paths, version, raw), args.repeat)
+            pipe = best(lambda: formats.format_stage(ctx, kind), args.repeat)
             manual = best(lambda: sh(by_hand_format(kind, raw, hand / f"x.{kind}", fresh_work(), inputs.sde),
                                      scratch), args.repeat)
             rows.append((kind, pipe, manual))
 
         st = raw.stat()
-        iso_file = iso.iso_path(flavor, paths, version)
+        iso_file = artifacts.path(ctx, "iso")
         print(f"\nbootable artifacts of {flavor.name}, best of {args.repeat} (seconds)")
         print(f"{'artifact':<12}{'pipeline':>10}{'by hand':>10}{'ratio':>8}  target <= {TARGET:.2f}")
         for name, p, m in rows:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from cloud.disk import allocated_bytes  # noqa: E402
 from pipeline import log  # noqa: E402
-from pipeline.config import FlavorPaths  # noqa: E402
+from pipeline.config import FlavorContext, FlavorPaths  # noqa: E402
 from tests.servers import disks  # noqa: E402
 from tests.servers.arm import IDENTITY_HEADER, ArmServer  # noqa: E402
 from tests.servers.aws import ImportSnapshotTasks, MotoServer  # noqa: E402
@@ -97,7 +97,7 @@ def read_speed(path: Path, cold: bool) -> float:
 
 def publish(cloud: str, flavor, paths) -> dict:
     from pipeline import publish as pub
-    return pub.publish_cloud(flavor, paths, "0.1.0", cloud)
+    return pub.publish_stage(FlavorContext(flavor, paths, "0.1.0"), cloud)
 
 
 def proc_cpu(pid: int) -> float:

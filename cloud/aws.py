@@ -21,9 +21,9 @@ from urllib.parse import urlencode
 
 import boto3
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .aws_client import aws_error, client_config
 from .base import TAG_FLAVOR, TAG_IMAGE, GcItem, ImageSpec, Uploader, require_file, select_for_gc, wait_until
 from . import ebs_direct
 from .disk import blocks_with_data, data_extents
@@ -36,24 +36,6 @@ log = logging.getLogger("cos.cloud.aws")
 GIB = 1024 ** 3
 TAG_UPLOADED = "cos-uploaded"  # set on a snapshot once all its blocks are in
 ARCH = {"x86_64": "x86_64", "arm64": "arm64"}
-
-
-def client_config(workers: int) -> Config:
-    """Explicit timeouts (uploads stall without them) and adaptive retries (throttling)."""
-    return Config(connect_timeout=10, read_timeout=60, max_pool_connections=max(10, workers + 4),
-                  retries={"mode": "adaptive", "max_attempts": 10})
-
-
-def _aws_error(exc: Exception, what: str) -> PublishError:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        detail = f"{err.get('Code')}: {err.get('Message')}"
-        denied = err.get("Code") in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException") or (
-            exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403 and "Signature" not in str(err))
-        hint = "check the IAM permissions listed in docs/clouds.md" if denied else None
-    else:
-        detail, hint = str(exc), "check the credentials/endpoint (boto3 default chain, AWS_ENDPOINT_URL)"
-    return PublishError(f"aws: {what} failed: {detail}", hint)
 
 
 def deprecate_at(days: int, now: datetime | None = None) -> datetime:
@@ -95,7 +77,7 @@ class AwsUploader(Uploader):
         try:
             return getattr(self.client(service, region), op)(**kw)
         except (ClientError, BotoCoreError) as exc:
-            raise _aws_error(exc, f"{op} in {region or self.region}") from exc
+            raise aws_error(exc, f"{op} in {region or self.region}") from exc
 
     # -- preflight / lookups ---------------------------------------------------------
     def preflight(self) -> None:
@@ -236,7 +218,7 @@ class AwsUploader(Uploader):
                 Config=TransferConfig(multipart_chunksize=64 * 1024 * 1024, max_concurrency=self.target.workers),
                 ExtraArgs={"Tagging": urlencode(sorted(self.tags.items()))})
         except (ClientError, BotoCoreError, boto3.exceptions.S3UploadFailedError) as exc:
-            raise _aws_error(exc, f"upload to s3://{bucket}/{self.s3_key}") from exc
+            raise aws_error(exc, f"upload to s3://{bucket}/{self.s3_key}") from exc
         self.progress.done()
         task = self.call("ec2", "import_snapshot", ClientToken=self.spec.token("import", str(time.time())),
                          Description=self.spec.name,
@@ -295,7 +277,7 @@ class AwsUploader(Uploader):
             self.image_id = self.client("ec2").register_image(**self.register_params())["ImageId"]
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "InvalidAMIName.Duplicate" or not self.find_existing():
-                raise _aws_error(exc, f"RegisterImage {self.spec.name}") from exc
+                raise aws_error(exc, f"RegisterImage {self.spec.name}") from exc
         self.images[self.region] = self.image_id
         self._wait_available(self.region, self.image_id)
         log.info("aws: registered %s as %s in %s", self.spec.name, self.image_id, self.region)
@@ -415,5 +397,5 @@ class AwsUploader(Uploader):
                 self.client("ec2", item.where).delete_snapshot(SnapshotId=snap)
             except ClientError as exc:
                 if exc.response["Error"]["Code"] != "InvalidSnapshot.NotFound":
-                    raise _aws_error(exc, f"DeleteSnapshot {snap} in {item.where}") from exc
+                    raise aws_error(exc, f"DeleteSnapshot {snap} in {item.where}") from exc
 

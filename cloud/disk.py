@@ -7,7 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
-from pipeline.files import data_extents as extents
+from core.sparse import data_extents as extents
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:

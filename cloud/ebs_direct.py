@@ -23,6 +23,7 @@ from typing import Callable
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .aws_client import aws_error, client_config
 from .disk import for_each_block, is_zero, read_block
 
 log = logging.getLogger("cos.cloud.aws")
@@ -77,8 +78,6 @@ class _Sender:
     """One client and a thread pool, in the calling process or in a worker process."""
 
     def __init__(self, job: Job, client=None):
-        from .aws import _aws_error, client_config  # here, not at the top: cloud.aws imports this module
-        self._error = _aws_error
         self.job = job
         self.ebs = client
         if client is None:  # a worker process: its own client, with the parent's frozen credentials
@@ -122,9 +121,9 @@ class _Sender:
                     time.sleep(delay)
                     delay = min(delay * 2, 10)
                     continue
-                raise self._error(exc, f"PutSnapshotBlock {index} of {self.job.snapshot_id}") from exc
+                raise aws_error(exc, f"PutSnapshotBlock {index} of {self.job.snapshot_id}") from exc
             except BotoCoreError as exc:
-                raise self._error(exc, f"PutSnapshotBlock {index} of {self.job.snapshot_id}") from exc
+                raise aws_error(exc, f"PutSnapshotBlock {index} of {self.job.snapshot_id}") from exc
 
 
 _worker: _Sender | None = None

@@ -1,9 +1,9 @@
-"""cloud/'s one error type. It subclasses pipeline.errors.PipelineError so doit tasks
-show it as one clean failure; pipeline.errors is the only pipeline module cloud/ uses."""
+"""cloud/'s one error type, on the shared base core.errors.HintedError (cloud/ needs
+nothing from pipeline/); doit tasks show it as one clean failure."""
 from __future__ import annotations
 
-from pipeline.errors import PipelineError
+from core.errors import HintedError
 
 
-class PublishError(PipelineError):
+class PublishError(HintedError):
     """A cloud call or check failed; the message names the cloud, resource and call."""

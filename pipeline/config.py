@@ -159,6 +159,22 @@ class FlavorPaths:
                        *(p for p in self.source.rglob("*") if p.is_file() and p.name != FLAVOR_FILE)])
 
 
+@dataclass(frozen=True)
+class FlavorContext:
+    """The single argument of every stage: the flavor, where its files are, the version
+    it carries (one per doit run; see graph.contexts)."""
+    flavor: Flavor
+    paths: FlavorPaths
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.flavor.name
+
+    def task(self, stage: str) -> str:
+        return f"build-{self.name}:{stage}"
+
+
 def flavors_dir() -> Path:
     return Path(os.environ.get("COS_FLAVORS_DIR", FLAVORS_DIR)).resolve()
 

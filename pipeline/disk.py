@@ -16,7 +16,7 @@ the image's own menu (package cos-grub), read out of the squashfs.
 No mounts or loop devices: each filesystem is built as a file (mkfs.vfat + mtools,
 mkfs.ext4 -d), sgdisk writes the GPT on the disk file, dd conv=notrunc,sparse puts the
 partitions in place, so the disk stays sparse. GUIDs, UUIDs, hash seeds and times come
-from the build inputs (efi.BootInputs): the same input gives the same bytes.
+from the build inputs (artifacts.BootInputs): the same input gives the same bytes.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import efi
-from .config import DiskLayout, Flavor, FlavorPaths
+from . import artifacts, efi
+from .config import DiskLayout, FlavorContext
 from .errors import PipelineError
 from .files import atomic_path
 from .run import run
@@ -104,7 +104,7 @@ def _fix_dir_times(root: Path, sde: int) -> None:
     os.utime(root, (sde, sde))
 
 
-def make_ext4(out: Path, part: Part, tree: Path, inputs: efi.BootInputs) -> Path:
+def make_ext4(out: Path, part: Part, tree: Path, inputs: artifacts.BootInputs) -> Path:
     """ext4 from a directory, reproducible: fixed UUID, hash seed and times."""
     _fix_dir_times(tree, inputs.sde)
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": str(inputs.sde), "SOURCE_DATE_EPOCH": str(inputs.sde)}
@@ -166,7 +166,7 @@ def install_bios_grub(disk: Path, core: Path, start_lba: int, max_bytes: int) ->
         f.write(core_img)
 
 
-def sgdisk_command(disk: Path, parts: list[Part], starts: list[int], inputs: efi.BootInputs) -> list[str]:
+def sgdisk_command(disk: Path, parts: list[Part], starts: list[int], inputs: artifacts.BootInputs) -> list[str]:
     cmd = ["sgdisk", "--clear", f"--disk-guid={inputs.uuid('disk')}"]
     for n, (p, start) in enumerate(zip(parts, starts), 1):
         cmd += [f"--new={n}:{start * MIB // SECTOR}:{(start + p.size_mib) * MIB // SECTOR - 1}",
@@ -175,7 +175,7 @@ def sgdisk_command(disk: Path, parts: list[Part], starts: list[int], inputs: efi
     return cmd + [str(disk)]
 
 
-def build_raw(out: Path, inputs: efi.BootInputs, disk: DiskLayout) -> Path:
+def build_raw(out: Path, inputs: artifacts.BootInputs, disk: DiskLayout) -> Path:
     parts = layout(disk)
     starts, total_mib = offsets(parts)
     legacy, esp, oem, recovery = parts
@@ -219,13 +219,7 @@ def build_raw(out: Path, inputs: efi.BootInputs, disk: DiskLayout) -> Path:
     return out
 
 
-def raw_path(flavor: Flavor, paths: FlavorPaths, version: str) -> Path:
-    return paths.build / efi.artifact_name("Vanilla-RAW", flavor, version, "raw")
-
-
-def raw_stage(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
-    out = raw_path(flavor, paths, version)
-    build_raw(out, efi.boot_inputs(paths), flavor.disk)
-    entry = efi.artifact_entry("raw", out, paths)
-    efi.record_artifact(paths, entry)
-    return entry
+def raw_stage(ctx: FlavorContext) -> dict:
+    out = artifacts.path(ctx, "raw")
+    build_raw(out, artifacts.boot_inputs(ctx.paths), ctx.flavor.disk)
+    return artifacts.record(ctx.paths, "raw", out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -19,9 +18,12 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from doit.dependency import FileChangedChecker
+from core.hashing import CHUNK, fast_digest, hash_file
+from core.sparse import data_extents
 
-CHUNK = 4 * 1024 * 1024
+__all__ = ["CHUNK", "DIGESTS", "DigestCache", "atomic_path", "data_extents", "discard", "fast_digest",
+           "file_entry", "hash_file", "hold_build_lock", "write_json_atomic"]
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -169,82 +171,7 @@ class DigestCache:
 DIGESTS = DigestCache()
 
 
-def hash_file(path: Path | str) -> str:
-    """sha256 of a file; its holes are hashed from a zero buffer, not read (a 2 GiB
-    sparse disk with 270 MiB of data hashes in ~60 % of the time of reading it all)."""
-    h, zeros = hashlib.sha256(), memoryview(bytes(CHUNK))
-
-    def zero_fill(n: int) -> None:
-        while n > 0:
-            h.update(zeros[:min(n, CHUNK)])
-            n -= CHUNK
-
-    with open(path, "rb") as f:
-        fd, pos = f.fileno(), 0
-        size = os.fstat(fd).st_size
-        for start, length in data_extents(fd, size):
-            zero_fill(start - pos)
-            f.seek(start)
-            while length > 0 and (chunk := f.read(min(CHUNK, length))):
-                h.update(chunk)
-                length -= len(chunk)
-            pos = f.tell()
-        zero_fill(size - pos)
-    return h.hexdigest()
-
-
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the allocated data of a file; holes are skipped."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole remains
-            return
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, end - start
-        pos = end
-
-
-def fast_digest(path: Path | str) -> str:
-    """xxh3-128 of the data extents and their offsets: a change detector, not a
-    published checksum. The same bytes stored with other holes hash differently,
-    which can only cause a needless re-run, never a missed one."""
-    import xxhash
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        for start, length in data_extents(fd, os.fstat(fd).st_size):
-            h.update(f"@{start}+{length};".encode())
-            f.seek(start)
-            while length > 0:
-                chunk = f.read(min(CHUNK, length))
-                if not chunk:
-                    break
-                h.update(chunk)
-                length -= len(chunk)
-    return "xxh3:" + h.hexdigest()
-
-
 def file_entry(kind: str, path: Path, base: Path) -> dict:
     """A manifest artifact entry; the digest is cached for doit's checker too."""
     return {"kind": kind, "path": str(Path(path).relative_to(base)),
             "sha256": DIGESTS.sha256(path), "size": Path(path).stat().st_size}
-
-
-class DigestChecker(FileChangedChecker):
-    """doit file_dep checker: same mtime -> unchanged; else compare the cached fast digest."""
-
-    def check_modified(self, file_path, file_stat, state):
-        mtime, size, digest = state
-        if file_stat.st_mtime == mtime:
-            return False
-        if file_stat.st_size != size:
-            return True
-        return DIGESTS.fast(file_path) != digest
-
-    def get_state(self, dep, current_state):
-        st = os.stat(dep)
-        if current_state and current_state[0] == st.st_mtime:
-            return None
-        return (st.st_mtime, st.st_size, DIGESTS.fast(dep))

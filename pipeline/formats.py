@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import ClassVar
 
-from . import efi
-from .config import Flavor, FlavorPaths
+from . import artifacts
+from .config import FlavorContext
 from .errors import PipelineError
 from .files import atomic_path
 from .run import run
@@ -41,21 +41,16 @@ def sparse_copy_padded(src: Path, dest: Path, size: int) -> None:
 
 class DiskFormat:
     """One output format of the raw disk."""
-    kind: ClassVar[str]        # manifest artifact kind
-    name_kind: ClassVar[str]   # cOS-<name_kind>-<flavor>-<version>-<arch>.<ext>
-    ext: ClassVar[str]
+    kind: ClassVar[str]        # artifact kind (its name: artifacts.KINDS)
 
-    def path(self, flavor: Flavor, paths: FlavorPaths, version: str) -> Path:
-        return paths.build / efi.artifact_name(self.name_kind, flavor, version, self.ext)
-
-    def convert(self, raw: Path, out: Path, inputs: efi.BootInputs) -> Path:
+    def convert(self, raw: Path, out: Path, inputs: artifacts.BootInputs) -> Path:
         raise NotImplementedError
 
 
 class Qcow2(DiskFormat):
-    kind, name_kind, ext = "qcow2", "Vanilla-QEMU", "qcow2"
+    kind = "qcow2"
 
-    def convert(self, raw: Path, out: Path, inputs: efi.BootInputs) -> Path:
+    def convert(self, raw: Path, out: Path, inputs: artifacts.BootInputs) -> Path:
         with atomic_path(out) as tmp:
             run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, tmp])
         return out
@@ -63,9 +58,9 @@ class Qcow2(DiskFormat):
 
 class AzureVhd(DiskFormat):
     """Fixed VHD: the raw bytes (virtual size a whole MiB) + a 512-byte footer."""
-    kind, name_kind, ext = "azure-vhd", "Vanilla-AZURE", "vhd"
+    kind = "azure-vhd"
 
-    def convert(self, raw: Path, out: Path, inputs: efi.BootInputs) -> Path:
+    def convert(self, raw: Path, out: Path, inputs: artifacts.BootInputs) -> Path:
         size = raw.stat().st_size
         with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=".vhd-") as work:
             src = raw
@@ -114,10 +109,10 @@ def fix_vhd_footer(path: Path, sde: int, unique_id: bytes) -> None:
 
 class GceTar(DiskFormat):
     """disk.raw (a whole GiB) in a gzip'd oldgnu tar, sparse (GCE's image import)."""
-    kind, name_kind, ext = "gce-tar", "Vanilla-GCE", "tar.gz"
+    kind = "gce-tar"
     member = "disk.raw"
 
-    def convert(self, raw: Path, out: Path, inputs: efi.BootInputs) -> Path:
+    def convert(self, raw: Path, out: Path, inputs: artifacts.BootInputs) -> Path:
         with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=".gce-") as work:
             disk = Path(work) / self.member
             sparse_copy_padded(raw, disk, round_up(raw.stat().st_size, GIB))
@@ -131,11 +126,9 @@ class GceTar(DiskFormat):
 FORMATS: dict[str, DiskFormat] = {f.kind: f for f in (Qcow2(), AzureVhd(), GceTar())}
 
 
-def format_stage(kind: str, flavor: Flavor, paths: FlavorPaths, version: str, raw: Path) -> dict:
-    fmt = FORMATS[kind]
+def format_stage(ctx: FlavorContext, kind: str) -> dict:
+    fmt, raw = FORMATS[kind], artifacts.path(ctx, "raw")
     if not raw.is_file():
-        raise PipelineError(f"{raw} is missing", f"run: doit build-{flavor.name}:raw")
-    out = fmt.convert(raw, fmt.path(flavor, paths, version), efi.boot_inputs(paths))
-    entry = efi.artifact_entry(fmt.kind, out, paths)
-    efi.record_artifact(paths, entry)
-    return entry
+        raise PipelineError(f"{raw} is missing", f"run: doit build-{ctx.name}:raw")
+    out = fmt.convert(raw, artifacts.path(ctx, kind), artifacts.boot_inputs(ctx.paths))
+    return artifacts.record(ctx.paths, kind, out)

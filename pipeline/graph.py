@@ -1,38 +1,30 @@
-"""Flavors -> doit task dicts. No work is done here: each action calls a stage.
+"""Flavors -> doit task dicts: the only module that knows doit. No work is done
+here: each action calls a stage, and our errors become doit's TaskFailed in one
+place (stage_action).
 
-Keys are content, never tags: file_deps are checked by sha256 (files.DigestChecker),
+Keys are content, never tags: file_deps are checked by a cached digest (DigestChecker),
 stages hand each other small JSON records (ids, digests) as files, and config that
 changes an output is a `config_changed` key of the task that makes it.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import disk, efi, formats, image, iso, packages, publish, release, squashfs, version
-from .config import REPO_ROOT, Flavor, FlavorPaths, load_all
-from .errors import PipelineError
+from cloud import ARTIFACT_KIND
+from core.errors import HintedError
+
+from . import artifacts, disk, efi, formats, image, iso, packages, publish, release, squashfs, version
+from .config import REPO_ROOT, FlavorContext, FlavorPaths, load_all
+from .files import DIGESTS
 
 Task = dict
-
-
-@dataclass(frozen=True)
-class FlavorContext:
-    flavor: Flavor
-    paths: FlavorPaths
-    version: str
-
-    @property
-    def name(self) -> str:
-        return self.flavor.name
-
-    def task(self, stage: str) -> str:
-        return f"build-{self.name}:{stage}"
+__all__ = ["DigestChecker", "FlavorContext", "dodo_tasks", "stage_action"]  # FlavorContext: from config
 
 
 def _sde() -> str | None:
@@ -41,15 +33,36 @@ def _sde() -> str | None:
 
 
 def stage_action(fn: Callable, *args) -> tuple:
-    """A doit python-action that turns PipelineError into one clean failure message."""
-    def action():
+    """A doit python-action that turns our errors (pipeline's and cloud's, both
+    HintedError) into one clean failure message.
+    The task's command-line params (e.g. --replace) arrive as keyword arguments."""
+    def action(**params):
         try:
-            fn(*args)
-        except PipelineError as exc:
+            fn(*args, **params)
+        except HintedError as exc:
             return TaskFailed(str(exc))
         return None
     action.__name__ = action.__qualname__ = fn.__name__
     return (action, [])
+
+
+class DigestChecker(FileChangedChecker):
+    """doit file_dep checker: same mtime -> unchanged; else compare the cached fast digest
+    (files.DIGESTS: a multi-GB artifact is hashed once, a `touch` costs nothing)."""
+
+    def check_modified(self, file_path, file_stat, state):
+        mtime, size, digest = state
+        if file_stat.st_mtime == mtime:
+            return False
+        if file_stat.st_size != size:
+            return True
+        return DIGESTS.fast(file_path) != digest
+
+    def get_state(self, dep, current_state):
+        st = os.stat(dep)
+        if current_state and current_state[0] == st.st_mtime:
+            return None
+        return (st.st_mtime, st.st_size, DIGESTS.fast(dep))
 
 
 # ---- toolkit packages (shared by all flavors) ----
@@ -73,7 +86,7 @@ def base_task(ctx: FlavorContext) -> Task:
     return {"name": "base", "doc": f"pull {base.ref} (bootstrap it when it cannot be pulled)",
             "targets": [ctx.paths.state("base")],
             "uptodate": [config_changed(base.model_dump_json())],
-            "actions": [stage_action(image.ensure_base, ctx.flavor, ctx.paths)],
+            "actions": [stage_action(image.base_stage, ctx)],
             "clean": True}
 
 
@@ -82,7 +95,7 @@ def toolkit_task(ctx: FlavorContext) -> Task:
             "file_dep": [packages.state_path(n) for n in ctx.flavor.packages],
             "targets": [ctx.paths.state("toolkit")],
             "uptodate": [config_changed(",".join(ctx.flavor.packages))],
-            "actions": [stage_action(packages.build_toolkit, ctx.flavor.packages, ctx.paths.state("toolkit"))],
+            "actions": [stage_action(packages.toolkit_stage, ctx)],
             "clean": True}
 
 
@@ -92,7 +105,7 @@ def image_task(ctx: FlavorContext) -> Task:
             "file_dep": [*ctx.paths.context_files, ctx.paths.state("base"), ctx.paths.state("toolkit")],
             "targets": [ctx.paths.state("image")],
             "uptodate": [config_changed({"tag": tag, "build_args": ctx.flavor.image.build_args})],
-            "actions": [stage_action(image.build_os_image, ctx.flavor, ctx.paths, ctx.version)],
+            "actions": [stage_action(image.image_stage, ctx)],
             "clean": True}
 
 
@@ -101,7 +114,7 @@ def push_task(ctx: FlavorContext) -> Task:
             "file_dep": [ctx.paths.state("image")],
             "targets": [ctx.paths.state("push")],
             "uptodate": [config_changed(ctx.flavor.registry)],
-            "actions": [stage_action(image.push_image, ctx.flavor, ctx.paths)],
+            "actions": [stage_action(image.push_stage, ctx)],
             "clean": True}
 
 
@@ -113,7 +126,7 @@ def squashfs_task(ctx: FlavorContext) -> Task:
             "targets": [b / "rootfs.squashfs", b / "boot/vmlinuz", b / "boot/initrd"],
             "uptodate": [config_changed({"squashfs": opts.model_dump(),
                                          "sde": _sde()})],
-            "actions": [stage_action(squashfs.build_squashfs, ctx.flavor, ctx.paths)],
+            "actions": [stage_action(squashfs.squashfs_stage, ctx)],
             "clean": True}
 
 
@@ -124,24 +137,24 @@ def _boot_inputs(ctx: FlavorContext) -> list[Path]:
 
 
 def iso_task(ctx: FlavorContext) -> Task:
-    out = iso.iso_path(ctx.flavor, ctx.paths, ctx.version)
+    out = artifacts.path(ctx, "iso")
     return {"name": "iso", "doc": f"hybrid BIOS/UEFI live ISO {out.name} (+ .sha256)",
             "file_dep": _boot_inputs(ctx),
             "targets": [out, out.with_name(out.name + ".sha256")],
             "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(),
                                          "sde": _sde(), "grub": efi.host_grub_fingerprint()})],
-            "actions": [stage_action(iso.iso_stage, ctx.flavor, ctx.paths, ctx.version)],
+            "actions": [stage_action(iso.iso_stage, ctx)],
             "clean": True}
 
 
 def raw_task(ctx: FlavorContext) -> Task:
-    out = disk.raw_path(ctx.flavor, ctx.paths, ctx.version)
+    out = artifacts.path(ctx, "raw")
     return {"name": "raw", "doc": f"raw GPT cOS disk {out.name} (boots to recovery)",
             "file_dep": _boot_inputs(ctx),
             "targets": [out],
             "uptodate": [config_changed({"disk": ctx.flavor.disk.model_dump(),
                                          "sde": _sde(), "grub": efi.host_grub_fingerprint()})],
-            "actions": [stage_action(disk.raw_stage, ctx.flavor, ctx.paths, ctx.version)],
+            "actions": [stage_action(disk.raw_stage, ctx)],
             "clean": True}
 
 
@@ -149,13 +162,12 @@ def format_tasks(ctx: FlavorContext) -> list[Callable[[FlavorContext], Task]]:
     """One task per disk format (qcow2, azure-vhd, gce-tar), each from the raw disk."""
     def make(kind: str) -> Callable[[FlavorContext], Task]:
         def task(c: FlavorContext) -> Task:
-            fmt = formats.FORMATS[kind]
-            raw = disk.raw_path(c.flavor, c.paths, c.version)
+            raw = artifacts.path(c, "raw")
             return {"name": kind, "doc": f"{kind} from the raw disk",
                     "file_dep": [raw, c.paths.state("image")],
-                    "targets": [fmt.path(c.flavor, c.paths, c.version)],
+                    "targets": [artifacts.path(c, kind)],
                     "uptodate": [config_changed({"sde": _sde()})],
-                    "actions": [stage_action(formats.format_stage, kind, c.flavor, c.paths, c.version, raw)],
+                    "actions": [stage_action(formats.format_stage, c, kind)],
                     "clean": True}
         return task
     return [make(kind) for kind in formats.FORMATS]
@@ -173,6 +185,43 @@ def flavor_tasks(ctx: FlavorContext) -> Iterator[Task]:
         yield {"basename": f"build-{ctx.name}", **make(ctx)}
 
 
+# ---- publish, release, cloud-gc ----
+
+def publish_tasks(ctx: FlavorContext) -> Iterator[Task]:
+    """publish-<flavor>[:aws|:azure|:gcp]: up to date when the recorded artifact digest and
+    target config equal the current ones (no cloud call at all)."""
+    clouds = publish.configured(ctx.flavor)
+    base = f"publish-{ctx.name}"
+    yield {"basename": base, "name": None,
+           "doc": f"publish {ctx.name} to its clouds ({', '.join(clouds) or 'none configured'});"
+                  " COS_PUBLISH_DRY_RUN=1 shows the plan only"}
+    for cloud in clouds:
+        yield {"basename": base, "name": cloud,
+               "doc": f"publish the {ARTIFACT_KIND[cloud]} artifact of {ctx.name} as a {cloud} image",
+               "actions": [stage_action(publish.publish_stage, ctx, cloud)],
+               "uptodate": [lambda c=cloud: publish.is_published(ctx, c)],
+               "verbosity": 2}
+
+
+def cloud_gc_tasks(ctxs: list[FlavorContext]) -> Iterator[Task]:
+    yield {"basename": "cloud-gc",
+           "doc": "delete cloud images beyond each flavor's retention rule (dry run; --apply deletes)",
+           "actions": [stage_action(publish.gc, ctxs)],
+           "params": [{"name": "apply", "long": "apply", "type": bool, "default": False,
+                       "help": "really delete (default: only list what would be deleted)"}],
+           "uptodate": [False], "verbosity": 2}
+
+
+def release_tasks(ctx: FlavorContext) -> Iterator[Task]:
+    yield {"basename": f"release-{ctx.name}",
+           "doc": f"publish {ctx.name}'s artifacts to the GitHub Release v{ctx.version} "
+                  "(GITHUB_TOKEN, GITHUB_REPOSITORY, GITHUB_API_URL)",
+           "actions": [stage_action(release.release_stage, ctx)],
+           "params": [{"name": "replace", "long": "replace", "type": bool, "default": False,
+                       "help": f"overwrite release assets that differ from this build (or {release.REPLACE_ENV}=1)"}],
+           "verbosity": 2}
+
+
 def contexts(root: Path = REPO_ROOT) -> list[FlavorContext]:
     return [FlavorContext(f, FlavorPaths(f, root), version.resolve(f.version, root)) for f in load_all()]
 
@@ -184,7 +233,7 @@ def dodo_tasks() -> dict[str, Callable[[], Iterator[Task]]]:
     creators: dict[str, Callable] = {"task_packages": lambda: package_tasks(names)}
     for ctx in ctxs:
         creators[f"task_build_{ctx.name}"] = (lambda c=ctx: flavor_tasks(c))
-        creators[f"task_publish_{ctx.name}"] = (lambda c=ctx: publish.tasks(c))
-        creators[f"task_release_{ctx.name}"] = (lambda c=ctx: release.tasks(c))
-    creators["task_cloud_gc"] = lambda: publish.gc_tasks(ctxs)
+        creators[f"task_publish_{ctx.name}"] = (lambda c=ctx: publish_tasks(c))
+        creators[f"task_release_{ctx.name}"] = (lambda c=ctx: release_tasks(c))
+    creators["task_cloud_gc"] = lambda: cloud_gc_tasks(ctxs)
     return creators

@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
-from pathlib import Path
 
 from . import docker_engine, manifest
 from .bootstrap import bootstrap_image
-from .config import Flavor, FlavorPaths
+from .config import Flavor, FlavorContext, FlavorPaths
 from .errors import PipelineError
 from .files import atomic_path, write_json_atomic
 from .packages import build_toolkit
@@ -25,8 +24,9 @@ def bootstrap_tag(flavor: Flavor) -> str:
     return f"cos-pipeline/bootstrap:{flavor.name}-{flavor.base.bootstrap.suite}"
 
 
-def ensure_base(flavor: Flavor, paths: FlavorPaths) -> dict:
+def base_stage(ctx: FlavorContext) -> dict:
     """Pull the base image; if that fails use a local copy, else bootstrap it."""
+    flavor, paths = ctx.flavor, ctx.paths
     ref = flavor.base.ref
     try:
         record = {"ref": ref, "id": docker_engine.pull(ref), "origin": "pulled"}
@@ -67,7 +67,8 @@ def build_args(flavor: Flavor, version: str, base_ref: str, toolkit_tag: str) ->
             "COS_FLAVOR": flavor.name, "COS_VERSION": version}
 
 
-def build_os_image(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
+def image_stage(ctx: FlavorContext) -> dict:
+    flavor, paths, version = ctx.flavor, ctx.paths, ctx.version
     base = json.loads(paths.state("base").read_text())
     toolkit = json.loads(paths.state("toolkit").read_text())
     if docker_engine.image_id(base["ref"]) != base["id"]:
@@ -96,7 +97,8 @@ def build_os_image(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
     return record
 
 
-def push_image(flavor: Flavor, paths: FlavorPaths) -> dict:
+def push_stage(ctx: FlavorContext) -> dict:
+    flavor, paths = ctx.flavor, ctx.paths
     registry = flavor.registry
     assert registry, "push task exists only when a registry is configured"
     image = json.loads(paths.state("image").read_text())

@@ -15,8 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import efi
-from .config import Flavor, FlavorPaths
+from . import artifacts, efi
+from .config import FlavorContext
 from .files import DIGESTS, atomic_path
 from .run import run
 
@@ -58,7 +58,7 @@ def xorriso_command(out: Path, label: str, grafts: dict[str, Path], esp: Path, s
             *[f"{dest}={src}" for dest, src in sorted(grafts.items())]]
 
 
-def build_iso(out: Path, inputs: efi.BootInputs, *, label: str, cmdline: str, title: str) -> Path:
+def build_iso(out: Path, inputs: artifacts.BootInputs, *, label: str, cmdline: str, title: str) -> Path:
     """Write the hybrid ISO to `out` (atomically)."""
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".iso-") as work:
         w = Path(work)
@@ -87,15 +87,10 @@ def write_sha256(path: Path) -> Path:
     return sums
 
 
-def iso_path(flavor: Flavor, paths: FlavorPaths, version: str) -> Path:
-    return paths.build / efi.artifact_name("Seed", flavor, version, "iso")
-
-
-def iso_stage(flavor: Flavor, paths: FlavorPaths, version: str) -> dict:
-    out = iso_path(flavor, paths, version)
-    build_iso(out, efi.boot_inputs(paths), label=flavor.boot.live_label, cmdline=flavor.boot.cmdline,
+def iso_stage(ctx: FlavorContext) -> dict:
+    flavor, paths, version = ctx.flavor, ctx.paths, ctx.version
+    out = artifacts.path(ctx, "iso")
+    build_iso(out, artifacts.boot_inputs(paths), label=flavor.boot.live_label, cmdline=flavor.boot.cmdline,
               title=f"cOS {flavor.name} {version} (live)")
-    entry = efi.artifact_entry("iso", out, paths)
-    write_sha256(out)  # from the digest just recorded
-    efi.record_artifact(paths, entry, companions=(".sha256",))
-    return entry
+    write_sha256(out)  # before the manifest lists the ISO; its digest is cached for the entry
+    return artifacts.record(paths, "iso", out, companions=(".sha256",))

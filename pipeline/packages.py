@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 from . import docker_engine
-from .config import PACKAGES_DIR, build_root
+from .config import PACKAGES_DIR, FlavorContext, build_root
 from .files import write_json_atomic
 
 log = logging.getLogger("cos.packages")
@@ -120,3 +120,7 @@ def build_toolkit(names: list[str], out: Path) -> dict:
     record = {"tag": tag, "id": image_id, "packages": [r["tag"] for r in records]}
     write_json_atomic(out, record)
     return record
+
+
+def toolkit_stage(ctx: FlavorContext) -> dict:
+    return build_toolkit(ctx.flavor.packages, ctx.paths.state("toolkit"))

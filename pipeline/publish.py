@@ -1,4 +1,4 @@
-"""Cloud publishing tasks (issue 4): publish-<flavor>[:aws|:azure|:gcp] and cloud-gc.
+"""Cloud publishing (issue 4): the stages of publish-<flavor>[:aws|:azure|:gcp] and cloud-gc.
 
 Each subtask takes one artifact of the flavor's manifest (raw / azure-vhd / gce-tar),
 publishes it with cloud/'s uploader and records the ids in build/<flavor>/cloud-images.json
@@ -22,7 +22,7 @@ from cloud import ARTIFACT_KIND, CLOUDS, uploader_class
 from cloud.base import ImageSpec, dry_run_from_env
 
 from . import manifest
-from .config import Flavor, FlavorPaths
+from .config import Flavor, FlavorContext, FlavorPaths
 from .errors import PipelineError
 from .files import DIGESTS, write_json_atomic
 
@@ -49,7 +49,8 @@ def target_digest(flavor: Flavor, cloud: str) -> str:
     return hashlib.sha256(getattr(flavor.clouds, cloud).model_dump_json().encode()).hexdigest()[:16]
 
 
-def image_spec(flavor: Flavor, paths: FlavorPaths, version: str, cloud: str, verify: bool = True) -> ImageSpec:
+def image_spec(ctx: FlavorContext, cloud: str, verify: bool = True) -> ImageSpec:
+    flavor, paths, version = ctx.flavor, ctx.paths, ctx.version
     kind = ARTIFACT_KIND[cloud]
     art = manifest.artifact(paths.manifest, kind)
     if art is None:
@@ -77,14 +78,14 @@ def _locked_results(paths: FlavorPaths) -> Iterator[dict[str, Any]]:
         write_json_atomic(path, data)
 
 
-def publish_cloud(flavor: Flavor, paths: FlavorPaths, version: str, cloud: str,
-                  dry_run: bool | None = None) -> dict[str, Any]:
+def publish_stage(ctx: FlavorContext, cloud: str, dry_run: bool | None = None) -> dict[str, Any]:
     """Publish one flavor to one cloud; record ids unless it is a dry run."""
+    flavor, paths = ctx.flavor, ctx.paths
     target = getattr(flavor.clouds, cloud)
     if target is None:
         raise PipelineError(f"flavor {flavor.name}: no clouds.{cloud} target configured",
                             f"add clouds.{cloud} to flavors/{flavor.name}/flavor.yaml (see cloud/targets.py)")
-    spec = image_spec(flavor, paths, version, cloud)
+    spec = image_spec(ctx, cloud)
     uploader = uploader_class(cloud)(target, spec, dry_run=dry_run)
     result = uploader.publish()
     if result.get("dry_run"):
@@ -99,8 +100,9 @@ def publish_cloud(flavor: Flavor, paths: FlavorPaths, version: str, cloud: str,
     return result
 
 
-def is_published(flavor: Flavor, paths: FlavorPaths, cloud: str) -> bool:
+def is_published(ctx: FlavorContext, cloud: str) -> bool:
     """doit uptodate: same artifact digest and same target config as the recorded publish."""
+    flavor, paths = ctx.flavor, ctx.paths
     if dry_run_from_env():
         return False
     done = read_results(paths).get(cloud) or {}
@@ -109,22 +111,7 @@ def is_published(flavor: Flavor, paths: FlavorPaths, cloud: str) -> bool:
         and done.get("target") == target_digest(flavor, cloud)
 
 
-def tasks(ctx) -> Iterator[dict]:
-    from .graph import stage_action  # late: graph imports this module
-    clouds = configured(ctx.flavor)
-    base = f"publish-{ctx.name}"
-    yield {"basename": base, "name": None,
-           "doc": f"publish {ctx.name} to its clouds ({', '.join(clouds) or 'none configured'});"
-                  " COS_PUBLISH_DRY_RUN=1 shows the plan only"}
-    for cloud in clouds:
-        yield {"basename": base, "name": cloud,
-               "doc": f"publish the {ARTIFACT_KIND[cloud]} artifact of {ctx.name} as a {cloud} image",
-               "actions": [stage_action(publish_cloud, ctx.flavor, ctx.paths, ctx.version, cloud)],
-               "uptodate": [lambda c=cloud: is_published(ctx.flavor, ctx.paths, c)],
-               "verbosity": 2}
-
-
-def gc(ctxs, apply: bool = False) -> list:
+def gc(ctxs: list[FlavorContext], apply: bool = False) -> list:
     """Delete images beyond each flavor's retention rule (dry run unless apply)."""
     items = []
     for ctx in ctxs:
@@ -138,21 +125,3 @@ def gc(ctxs, apply: bool = False) -> list:
     if not apply:
         log.info("cloud-gc: dry run, %d image(s) would be deleted; run `doit cloud-gc --apply` to delete", len(items))
     return items
-
-
-def gc_tasks(ctxs) -> Iterator[dict]:
-    from doit.exceptions import TaskFailed
-
-    def action(apply: bool) -> Any:
-        try:
-            gc(ctxs, apply)
-        except PipelineError as exc:
-            return TaskFailed(str(exc))
-        return None
-
-    yield {"basename": "cloud-gc",
-           "doc": "delete cloud images beyond each flavor's retention rule (dry run; --apply deletes)",
-           "actions": [(action,)],
-           "params": [{"name": "apply", "long": "apply", "type": bool, "default": False,
-                       "help": "really delete (default: only list what would be deleted)"}],
-           "uptodate": [False], "verbosity": 2}

@@ -1,12 +1,15 @@
-"""The one subprocess wrapper: log the command, raise a clear error on failure."""
+"""The one subprocess wrapper: log the command, raise a clear error on failure.
+run() for a command that runs to its end; stream() for one whose stdin or stdout
+this process works on while it runs (a pipeline: docker export | tar2sqfs, zstd | hash)."""
 from __future__ import annotations
 
 import logging
 import shlex
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import IO, Mapping, Sequence
+from typing import IO, Callable, Mapping, Sequence, TypeVar
 
 from .errors import PipelineError, ToolMissing
 
@@ -78,6 +81,49 @@ def run(
     if check and proc.returncode != 0:
         raise command_failed(argv, proc.returncode, proc.stderr)
     return proc
+
+
+T = TypeVar("T")
+
+
+def stream(cmd: Sequence[str | Path], *, feed: Callable[[IO[bytes]], T] | None = None,
+           drain: Callable[[IO[bytes]], T] | None = None) -> T:
+    """Run one command while `feed` writes its stdin or `drain` reads its stdout (exactly
+    one of them), in this process; returns what that function returns.
+
+    If the function fails (a bad archive, a full disk under the output), the child is
+    killed, not waited for: it may be blocked on the full pipe and would never end. A
+    child that exits non-zero (also when it died first and the feed hit a broken pipe)
+    raises like run(), with its stderr's tail.
+    """
+    if (feed is None) == (drain is None):
+        raise TypeError("stream() takes exactly one of feed= and drain=")
+    argv = [str(c) for c in cmd]
+    require_tool(argv[0])
+    with tempfile.TemporaryFile() as errlog:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if feed else None,
+                                stdout=subprocess.PIPE if drain else None, stderr=errlog)
+        pipe = proc.stdin if feed else proc.stdout
+        assert pipe is not None
+
+        def failed() -> PipelineError:
+            errlog.seek(0)
+            return command_failed(argv, proc.returncode, errlog.read())
+
+        try:
+            result = feed(pipe) if feed else drain(pipe)  # type: ignore[misc]
+            pipe.close()
+        except BrokenPipeError:
+            if proc.wait() != 0:
+                raise failed() from None
+            raise
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.wait() != 0:
+            raise failed()
+        return result
 
 
 def command_failed(argv: Sequence[str], returncode: int, stderr: bytes | None) -> PipelineError:

@@ -14,17 +14,16 @@ import logging
 import os
 import posixpath
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from . import docker_engine, manifest
-from .config import Flavor, FlavorPaths, SquashfsOptions
+from .config import FlavorContext, SquashfsOptions
 from .errors import PipelineError
-from .files import DIGESTS, atomic_path, file_entry
-from .run import command_failed, require_tool
+from .files import atomic_path, file_entry
+from .run import require_tool, stream
 
 log = logging.getLogger("cos.squashfs")
 
@@ -145,31 +144,25 @@ def write_squashfs(image_id: str, opts: SquashfsOptions, sde: int, hostname: str
     Every output appears only when complete."""
     boot_out = {n: boot_dir / posixpath.basename(n) for n in BOOT_FILES}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".capture-") as capture, \
-            atomic_path(out) as tmp, tempfile.TemporaryFile() as errlog:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".capture-") as capture, atomic_path(out) as tmp:
         capture_dir = Path(capture)
         cmd = tar2sqfs_command(opts, tmp, sde)
         log.info("docker export %s | filter | %s", image_id[:19], " ".join(cmd))
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=errlog)
-        try:
+
+        def feed(stdin: IO[bytes]) -> dict[str, str]:
             with docker_engine.ExportedRootfs(image_id) as chunks:
-                links = filter_rootfs(_ChunkReader(chunks), proc.stdin, sde=sde,
-                                      hostname=hostname, capture_dir=capture_dir)
-            proc.stdin.close()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        if proc.wait() != 0:
-            errlog.seek(0)
-            raise command_failed(cmd, proc.returncode, errlog.read())
+                return filter_rootfs(_ChunkReader(chunks), stdin, sde=sde, hostname=hostname,
+                                     capture_dir=capture_dir)
+
+        links = stream(cmd, feed=feed)
         for name, dest in boot_out.items():
             src = resolve_boot_file(name, links, capture_dir)
             with atomic_path(dest) as part:
                 shutil.copyfile(src, part)
 
 
-def build_squashfs(flavor: Flavor, paths: FlavorPaths) -> dict:
+def squashfs_stage(ctx: FlavorContext) -> dict:
+    flavor, paths = ctx.flavor, ctx.paths
     image = json.loads(paths.state("image").read_text())
     out = paths.build / "rootfs.squashfs"
     write_squashfs(image["id"], flavor.squashfs, source_date_epoch(image), f"cos-{flavor.name}",

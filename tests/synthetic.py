@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.efi import BootInputs
+from pipeline.artifacts import BootInputs
 
 REPO = Path(__file__).resolve().parent.parent
 GRUB_PACKAGE = REPO / "packages/cos-grub/files"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import disk, efi, iso
+from pipeline import artifacts, disk, iso
 from pipeline.files import hash_file as sha256
 from tests.qemu import VM, Drive, missing_tools
 
@@ -148,7 +148,7 @@ def test_gce_tar_is_the_raw_disk_padded(flavor_build, build_dir, tmp_path):
 
 
 def test_iso_and_raw_rebuild_byte_identical(flavor_build, flavor_paths, build_dir, tmp_path):
-    inputs = efi.boot_inputs(flavor_paths)
+    inputs = artifacts.boot_inputs(flavor_paths)
     flavor = flavor_paths.flavor
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):

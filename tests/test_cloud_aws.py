@@ -25,7 +25,7 @@ import pytest
 from cloud.aws import deprecate_at
 from cloud.errors import PublishError
 from pipeline import publish
-from pipeline.graph import FlavorContext
+from pipeline.config import FlavorContext
 from tests.servers.aws import ImageDeprecations, snapshot_bytes
 from tests.servers.disks import nonzero_ranges
 from tests.servers.fixtures import aws, cloud_build_dir, flavor_paths, kill_publish_midway, make_flavor, moto_server, server_logs  # noqa: F401
@@ -46,7 +46,7 @@ def images_named(moto, region, name):
 def test_ebs_direct_publish_registers_uefi_image_and_copies(aws, cloud_build_dir):
     flavor = aws_flavor()
     paths = flavor_paths(flavor)
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     disk = paths.build / "disk.raw"
 
     # blocks sent: exactly the 512 KiB blocks that hold non-zero data
@@ -86,11 +86,11 @@ def test_ebs_direct_publish_registers_uefi_image_and_copies(aws, cloud_build_dir
     assert recorded["images"] == result["images"] and recorded["artifact_sha256"]
     manifest = json.loads(paths.manifest.read_text())
     assert manifest["cloud_images"]["aws"]["images"] == result["images"]
-    assert publish.is_published(flavor, paths, "aws")
+    assert publish.is_published(FlavorContext(flavor, paths, "0.1.0"), "aws")
 
     # re-run: nothing new is created
     before = len(aws.proxy.requests)
-    again = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    again = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     new = aws.proxy.requests[before:]
     assert again["images"] == result["images"]
     writes = [r.action or r.path for r in new if r.action not in ("DescribeImages", "GetCallerIdentity", "DescribeSnapshots")]
@@ -103,7 +103,7 @@ def test_arm64_public_and_shared(aws, cloud_build_dir):
     flavor = aws_flavor(name="armtest", arch="arm64", regions=["us-west-2"], public=True,
                         share_with_accounts=["111122223333"], tpm=False)
     paths = flavor_paths(flavor)
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     form = aws.actions("RegisterImage")[0].form
     assert form["Architecture"] == "arm64" and "TpmSupport" not in form
     ec2 = aws.moto.client("ec2", "us-west-2")
@@ -115,7 +115,7 @@ def test_s3_import_fallback(aws, cloud_build_dir):
     aws.moto.client("s3").create_bucket(Bucket="cos-staging")
     flavor = aws_flavor(name="importtest", regions=["us-east-1"], upload="s3-import", bucket="cos-staging")
     paths = flavor_paths(flavor)
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     (imp,) = aws.actions("ImportSnapshot")
     assert imp.form["DiskContainer.Format"] == "RAW" and imp.form["DiskContainer.UserBucket.S3Bucket"] == "cos-staging"
     assert len(aws.actions("DescribeImportSnapshotTasks")) >= 3  # polled until complete
@@ -131,7 +131,7 @@ def test_s3_import_failure_surfaces_status_message_and_cleans_up(aws, cloud_buil
     flavor = aws_flavor(name="corrupt", regions=["us-east-1"], upload="s3-import", bucket="cos-staging")
     paths = flavor_paths(flavor)
     with pytest.raises(PublishError, match="Disk validation failed"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     assert aws.moto.client("s3").list_objects_v2(Bucket="cos-staging").get("KeyCount") == 0
     assert aws.actions("RegisterImage") == []
 
@@ -149,7 +149,7 @@ def test_throttling_5xx_and_not_yet_visible_snapshot_are_retried(aws, cloud_buil
               aws.proxy.inject(lambda r: r.action == "CopyImage", 1, EC2_THROTTLE)]
     flavor = aws_flavor(name="faulty")
     paths = flavor_paths(flavor)
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     assert all(f.hits == f.times for f in faults)
     disk = paths.build / "disk.raw"
     assert snapshot_bytes(aws.moto, result["snapshot"], disk.stat().st_size) == disk.read_bytes()
@@ -164,7 +164,7 @@ def test_failed_upload_removes_its_snapshot(aws, cloud_build_dir):
     flavor = aws_flavor(name="failing", regions=["us-east-1"])
     paths = flavor_paths(flavor)
     with pytest.raises(PublishError, match="ValidationException"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     started = json.loads(aws.proxy.seen(lambda r: r.path.split("?")[0] == "/snapshots")[0].body)
     assert started["ClientToken"]
     snaps = aws.moto.client("ec2").describe_snapshots(OwnerIds=["self"])["Snapshots"]
@@ -176,7 +176,7 @@ def test_dry_run_changes_nothing(aws, cloud_build_dir, monkeypatch):
     monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
     flavor = aws_flavor(name="plan")
     paths = flavor_paths(flavor)
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     assert result["dry_run"] and any("upload disk.raw" in s for s in result["plan"])
     assert any("copy to eu-west-1" in s for s in result["plan"])
     assert {r.action for r in aws.proxy.requests} <= {"GetCallerIdentity", "DescribeImages", "DescribeSnapshots"}
@@ -192,7 +192,7 @@ def test_killed_publish_then_rerun_gives_one_image(aws, cloud_build_dir):
     kill_publish_midway(aws.proxy, "aws", clouds, "killed", is_put, after=3, delay_s=0.3)
     assert aws.actions("RegisterImage") == []
 
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     for region in ("us-east-1", "eu-west-1"):
         assert len(images_named(aws.moto, region, result["name"])) == 1
     disk = paths.build / "disk.raw"
@@ -208,9 +208,8 @@ def test_gc_keeps_newest_and_is_dry_run_by_default(aws, cloud_build_dir):
     names = []
     for seed in (1, 2, 3):
         paths = flavor_paths(flavor, seed=seed)
-        names.append(publish.publish_cloud(flavor, paths, "0.1.0", "aws")["name"])
+        names.append(publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")["name"])
         time.sleep(1.1)  # distinct creation times
-    from pipeline.graph import FlavorContext
     ctx = FlavorContext(make_flavor({"aws": {"regions": ["us-east-1"]}, "retention_keep": 1}, name="gctest"),
                         paths, "0.1.0")
     ec2 = aws.moto.client("ec2")
@@ -224,18 +223,18 @@ def test_gc_keeps_newest_and_is_dry_run_by_default(aws, cloud_build_dir):
 
 
 def test_tasks_only_for_configured_clouds(aws, cloud_build_dir):
-    from pipeline.graph import FlavorContext
+    from pipeline.config import FlavorContext, publish_tasks
     flavor = aws_flavor(name="tasks")
     paths = flavor_paths(flavor)
     ctx = FlavorContext(flavor, paths, "0.1.0")
-    tasks = list(publish.tasks(ctx))
+    tasks = list(publish_tasks(ctx))
     assert [t.get("name") for t in tasks] == [None, "aws"]
     assert all(t["basename"] == "publish-tasks" for t in tasks)
     uptodate = tasks[1]["uptodate"][0]
     assert uptodate() is False
-    publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     assert uptodate() is True
-    assert [t.get("name") for t in publish.tasks(FlavorContext(make_flavor({}, name="none"), paths, "0.1.0"))] == [None]
+    assert [t.get("name") for t in publish_tasks(FlavorContext(make_flavor({}, name="none"), paths, "0.1.0"))] == [None]
 
 
 def run_dodo(*args, env):
@@ -279,7 +278,7 @@ def test_every_ami_gets_a_deprecation_time_once(aws, cloud_build_dir, monkeypatc
     paths = flavor_paths(flavor)
 
     monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
-    plan = publish.publish_cloud(flavor, paths, "0.1.0", "aws")["plan"]
+    plan = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")["plan"]
     (step,) = [s for s in plan if s.startswith("deprecate the AMIs at ")]
     planned = datetime.strptime(step.split(" at ")[1].split(" ")[0], "%Y-%m-%dT%H:%MZ").replace(tzinfo=timezone.utc)
     assert abs(planned - (datetime.now(timezone.utc) + timedelta(days=30))) < timedelta(minutes=2)
@@ -287,7 +286,7 @@ def test_every_ami_gets_a_deprecation_time_once(aws, cloud_build_dir, monkeypatc
     monkeypatch.delenv("COS_PUBLISH_DRY_RUN")
 
     before = datetime.now(timezone.utc)
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     after = datetime.now(timezone.utc)
     sent = aws.actions("EnableImageDeprecation")
     # one call per AMI, in the AMI's own region, after the copy exists
@@ -305,7 +304,7 @@ def test_every_ami_gets_a_deprecation_time_once(aws, cloud_build_dir, monkeypatc
     assert img["DeprecationTime"] == deprecations.times[result["images"]["eu-west-1"]]
 
     # re-run: the AMIs already have a deprecation time, which is kept (no write at all)
-    again = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    again = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     assert again["images"] == result["images"] and len(aws.actions("EnableImageDeprecation")) == 2
 
 
@@ -330,7 +329,7 @@ def test_gc_deletes_orphan_snapshots_once_old_enough(aws, cloud_build_dir):
     fresh is touched) and with clouds.retention_orphan_hours: 0 (everything orphaned goes)."""
     flavor = aws_flavor(name="orphans", regions=["us-east-1"])
     paths = flavor_paths(flavor)
-    live = publish.publish_cloud(flavor, paths, "0.1.0", "aws")  # its snapshot backs a live image
+    live = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")  # its snapshot backs a live image
     ebs = aws.moto.client("ebs")
 
     def tags(flavor_name: str, image: str, **extra) -> list[dict]:

@@ -30,7 +30,7 @@ import pytest
 
 from cloud.errors import PublishError
 from pipeline import publish
-from pipeline.config import FlavorPaths
+from pipeline.config import FlavorContext, FlavorPaths
 from pipeline.files import hash_file
 from tests.servers.disks import nonzero_ranges
 from tests.servers.fixtures import (arm_server, azure, azurite_server, cloud_build_dir, flavor_paths,  # noqa: F401
@@ -64,7 +64,7 @@ def test_publish_page_blob_image_and_gallery_version(azure, cloud_build_dir):
     flavor = make_flavor({"azure": gallery_target(azure)}, name="aztest")
     paths = flavor_paths(flavor)
     vhd = paths.build / "disk.vhd"
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
 
     blob = azure.blob_service().get_blob_client("images", f"{result['name']}.vhd")
     ranges = [r for r in blob.list_page_ranges() if not r.cleared]
@@ -90,7 +90,7 @@ def test_publish_page_blob_image_and_gallery_version(azure, cloud_build_dir):
 
     # a re-run creates nothing and uploads nothing
     pages, puts = len(page_put_requests(azure)), len(azure.arm.puts(""))
-    again = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    again = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     assert again["images"] == result["images"]
     assert len(page_put_requests(azure)) == pages and len(azure.arm.puts("")) == puts
     assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1
@@ -102,7 +102,7 @@ def test_throttling_and_5xx_are_retried(azure, cloud_build_dir):
     page_fault = azure.proxy.inject(lambda r: r.method == "PUT" and "comp=page" in r.path, 3, UNAVAILABLE)
     flavor = make_flavor({"azure": gallery_target(azure)}, name="azfaults")
     paths = flavor_paths(flavor)
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     assert all(f["hits"] == f["times"] for f in faults) and page_fault.hits == 3
     blob = azure.blob_service().get_blob_client("images", f"{result['name']}.vhd")
     assert blob.download_blob().readall() == (paths.build / "disk.vhd").read_bytes()
@@ -118,7 +118,7 @@ def test_killed_upload_then_rerun_gives_one_image(azure, cloud_build_dir):
     kill_publish_midway(azure.proxy, "azure", clouds, "azkilled", is_page, after=2, delay_s=0.5)
     assert azure.arm.of_type("Microsoft.Compute/images") == []
 
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1
     blob = azure.blob_service().get_blob_client("images", f"{result['name']}.vhd")
     assert blob.download_blob().readall() == (paths.build / "disk.vhd").read_bytes()
@@ -133,13 +133,13 @@ def test_not_a_fixed_vhd_is_refused_before_upload(azure, cloud_build_dir):
     vhd.update(path=raw["path"], sha256=raw["sha256"], size=raw["size"])
     paths.manifest.write_text(json.dumps(data))
     with pytest.raises(PublishError, match="not a fixed VHD"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     assert page_put_requests(azure) == [] and azure.arm.puts("") == []
 
 
 def test_dev_version_gets_the_image_but_no_gallery_version(azure, cloud_build_dir):
     flavor = make_flavor({"azure": gallery_target(azure)}, name="azdev")
-    result = publish.publish_cloud(flavor, flavor_paths(flavor), "0.1.0-g8878b934", "azure")
+    result = publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor), "0.1.0-g8878b934"), "azure")
     assert "gallery_image_version" not in result
     assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1 and azure.arm.puts("/versions/") == []
 
@@ -148,17 +148,16 @@ def test_gallery_architecture_mismatch_is_refused(azure, cloud_build_dir):
     flavor = make_flavor({"azure": gallery_target(azure)}, name="azarm", arch="arm64")
     paths = flavor_paths(flavor)
     with pytest.raises(PublishError, match="V2/Arm64"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     assert page_put_requests(azure) == []
 
 
 def test_gc_deletes_old_images_and_blobs(azure, cloud_build_dir):
-    from pipeline.graph import FlavorContext
     flavor = make_flavor({"azure": azure_target()}, name="azgc")
     names = []
     for seed in (1, 2, 3):
         paths = flavor_paths(flavor, seed=seed)
-        names.append(publish.publish_cloud(flavor, paths, "0.1.0", "azure")["name"])
+        names.append(publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")["name"])
         time.sleep(1.1)
     ctx = FlavorContext(make_flavor({"azure": azure_target(), "retention_keep": 2}, name="azgc"), paths, "0.1.0")
     assert [i.image for i in publish.gc([ctx])] == [names[0]]
@@ -204,7 +203,7 @@ def test_managed_disk_publish_image_and_gallery_version(azure, disks, cloud_buil
     flavor = make_flavor({"azure": disk_target(gallery="cosgallery", gallery_image="cos-red")}, name="azdisk")
     paths = flavor_paths(flavor)
     vhd = paths.build / "disk.vhd"
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     name = result["name"]
     assert result["disk"].endswith(f"/providers/Microsoft.Compute/disks/{name}")
 
@@ -238,7 +237,7 @@ def test_managed_disk_publish_image_and_gallery_version(azure, disks, cloud_buil
 
     # a re-run creates, grants and writes nothing
     writes, pages = len(arm_writes(azure)), len(page_put_requests(azure))
-    again = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    again = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     assert again["images"] == result["images"] and again["disk"] == result["disk"]
     assert len(arm_writes(azure)) == writes and len(page_put_requests(azure)) == pages
     assert len(azure.arm.of_type("Microsoft.Compute/disks")) == 1
@@ -260,8 +259,8 @@ def test_managed_disk_upload_failing_midway_revokes_and_removes_the_disk(azure, 
     if delete_fails:
         azure.arm.fail("DELETE", r"/disks/", 100, 409)
     with pytest.raises(PublishError, match="upload pages of azure managed disk"):  # the upload's error, not cleanup's
-        publish.publish_cloud(flavor, paths, "0.1.0", "azure")
-    name = publish.image_spec(flavor, paths, "0.1.0", "azure").name
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
+    name = publish.image_spec(FlavorContext(flavor, paths, "0.1.0"), "azure").name
     order = [(m, p.rsplit("/", 1)[-1]) for m, p in arm_writes(azure) if f"/disks/{name}" in p]
     assert order[:4] == [("PUT", name), ("POST", "beginGetAccess"), ("POST", "endGetAccess"), ("DELETE", name)]
     assert len(disks.page_ranges[name]) >= 1  # it did fail midway
@@ -292,17 +291,17 @@ def test_unfinished_disk_of_a_stopped_run_is_remade_and_a_complete_one_reused(az
     flavor = make_flavor({"azure": disk_target()}, name="azdiskrerun")
     paths = flavor_paths(flavor)
     vhd = paths.build / "disk.vhd"
-    name = publish.image_spec(flavor, paths, "0.1.0", "azure").name
+    name = publish.image_spec(FlavorContext(flavor, paths, "0.1.0"), "azure").name
     leave_unfinished_disk(azure, name, vhd)
     azure.arm.requests.clear()
 
     monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
-    plan = publish.publish_cloud(flavor, paths, "0.1.0", "azure")["plan"]
+    plan = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")["plan"]
     assert any("delete unfinished managed disk" in step and "ActiveUpload" in step for step in plan)
     assert arm_writes(azure) == []
     monkeypatch.delenv("COS_PUBLISH_DRY_RUN")
 
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     order = [(m, p.rsplit("/", 1)[-1]) for m, p in arm_writes(azure) if f"/disks/{name}" in p]
     assert order[:3] == [("POST", "endGetAccess"), ("DELETE", name), ("PUT", name)]
     assert disks.data[name] == vhd.read_bytes()
@@ -311,7 +310,7 @@ def test_unfinished_disk_of_a_stopped_run_is_remade_and_a_complete_one_reused(az
     # the image gone (say, removed by hand), the complete disk is reused: nothing uploaded again
     compute_client(azure).images.begin_delete(RG, name, polling_interval=0).result()
     writes, pages = len(arm_writes(azure)), len(page_put_requests(azure))
-    again = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    again = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     new = arm_writes(azure)[writes:]
     assert [m for m, p in new] == ["PUT"] and new[0][1] == again["images"]["westeurope"]
     assert len(page_put_requests(azure)) == pages and again["disk"] == result["disk"]
@@ -321,7 +320,7 @@ def test_managed_disk_dry_run_changes_nothing(azure, disks, cloud_build_dir, mon
     monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
     flavor = make_flavor({"azure": disk_target()}, name="azdiskdry")
     paths = flavor_paths(flavor)
-    out = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    out = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     assert out["dry_run"] is True
     plan = " | ".join(out["plan"])
     for step in ("create managed disk", "grant write access", "revoke access", "from the managed disk"):
@@ -331,12 +330,11 @@ def test_managed_disk_dry_run_changes_nothing(azure, disks, cloud_build_dir, mon
 
 
 def test_gc_deletes_old_images_with_their_managed_disks(azure, disks, cloud_build_dir):
-    from pipeline.graph import FlavorContext
     flavor = make_flavor({"azure": disk_target()}, name="azdiskgc")
     names = []
     for seed in (1, 2):
         paths = flavor_paths(flavor, seed=seed)
-        names.append(publish.publish_cloud(flavor, paths, "0.1.0", "azure")["name"])
+        names.append(publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")["name"])
         time.sleep(1.1)
     ctx = FlavorContext(make_flavor({"azure": disk_target(), "retention_keep": 1}, name="azdiskgc"), paths, "0.1.0")
     (item,) = publish.gc([ctx])
@@ -374,7 +372,7 @@ def test_vhd_too_small_for_a_managed_disk_is_refused_before_any_call(azure, disk
     vhd.update(path=small.name, sha256=hash_file(small), size=small.stat().st_size)
     paths.manifest.write_text(json.dumps(data))
     with pytest.raises(PublishError, match="managed disk upload needs at least 20972032"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     assert arm_writes(azure) == []
 
 
@@ -388,7 +386,7 @@ def test_killed_managed_disk_upload_then_rerun_gives_one_image(azure, disks, clo
     (left,) = azure.arm.of_type("Microsoft.Compute/disks")
     assert left["properties"]["diskState"] == "ActiveUpload"  # what a killed run leaves
 
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "azure")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
     assert len(azure.arm.of_type("Microsoft.Compute/images")) == 1
     assert len(azure.arm.of_type("Microsoft.Compute/disks")) == 1
     assert disks.data[result["name"]] == (paths.build / "disk.vhd").read_bytes()
@@ -412,13 +410,12 @@ def failed_publish(flavor, seed: int, error: str) -> str:
     """Publish a synthetic build that fails with `error`; the image name it was for."""
     paths = flavor_paths(flavor, seed=seed)
     with pytest.raises(PublishError, match=error):
-        publish.publish_cloud(flavor, paths, "0.1.0", "azure")
-    return publish.image_spec(flavor, paths, "0.1.0", "azure").name
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "azure")
+    return publish.image_spec(FlavorContext(flavor, paths, "0.1.0"), "azure").name
 
 
 def gc_contexts(target: dict, name: str):
     """cloud-gc of flavor `name` with the default orphan age (24 h) and with 0 h."""
-    from pipeline.graph import FlavorContext
     paths = FlavorPaths(make_flavor({"azure": target}, name=name))
     return (FlavorContext(make_flavor({"azure": target}, name=name), paths, "0.1.0"),
             FlavorContext(make_flavor({"azure": target, "retention_orphan_hours": 0}, name=name), paths, "0.1.0"))
@@ -434,7 +431,7 @@ def test_gc_deletes_orphan_page_blobs_once_old_enough(azure, cloud_build_dir):
     """Azurite cannot age a blob: the age rule is checked with the default (24 h: nothing
     fresh is touched) and with retention_orphan_hours: 0 (every orphan goes)."""
     flavor = make_flavor({"azure": azure_target(workers=1)}, name="azorphans")
-    live = publish.publish_cloud(flavor, flavor_paths(flavor, seed=1), "0.1.0", "azure")["name"]
+    live = publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor, seed=1), "0.1.0"), "azure")["name"]
     azure.proxy.inject(lambda r: r.method == "DELETE", 10_000, REFUSED)  # failed runs cannot remove their blobs
     pages = refuse_pages_after(azure, 2)
     unfinished = failed_publish(flavor, 2, "upload pages")      # upload failed midway
@@ -473,7 +470,7 @@ def test_gc_deletes_orphan_page_blobs_once_old_enough(azure, cloud_build_dir):
 def test_gc_deletes_orphan_managed_disks_once_old_enough(azure, disks, cloud_build_dir):
     """As above for upload: managed-disk; a disk left in ActiveUpload is revoked, then deleted."""
     flavor = make_flavor({"azure": disk_target(workers=1)}, name="azdiskorphans")
-    live = publish.publish_cloud(flavor, flavor_paths(flavor, seed=1), "0.1.0", "azure")["name"]
+    live = publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor, seed=1), "0.1.0"), "azure")["name"]
     refuse_pages_after(azure, 2)
     azure.arm.fail("POST", r"/endGetAccess$", 10_000, 409)
     active = failed_publish(flavor, 2, "upload pages")          # neither revoked nor deleted

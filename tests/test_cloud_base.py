@@ -76,6 +76,7 @@ def test_bad_targets_are_refused(clouds, message):
 def test_missing_or_changed_artifact_is_a_clear_error(tmp_path, monkeypatch):
     import json
     from pipeline import publish
+    from pipeline.config import FlavorContext
     from pipeline.errors import PipelineError
     from tests.servers.fixtures import flavor_paths
     monkeypatch.setenv("COS_BUILD_DIR", str(tmp_path / "build"))
@@ -84,11 +85,11 @@ def test_missing_or_changed_artifact_is_a_clear_error(tmp_path, monkeypatch):
     data = json.loads(paths.manifest.read_text())
     paths.manifest.write_text(json.dumps({**data, "artifacts": [a for a in data["artifacts"] if a["kind"] != "gce-tar"]}))
     with pytest.raises(PipelineError, match="no 'gce-tar' artifact.*\n.*doit build-missing"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "gcp")
     paths.manifest.write_text(json.dumps(data))
     with open(paths.build / "disk.tar.gz", "ab") as f:
         f.write(b"changed")
     with pytest.raises(PipelineError, match="differs from the manifest"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "gcp")
     with pytest.raises(PipelineError, match="no clouds.aws target"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")

@@ -14,7 +14,7 @@ import pytest
 from cloud import ebs_direct
 from cloud.errors import PublishError
 from pipeline import publish
-from pipeline.config import FlavorPaths
+from pipeline.config import FlavorContext, FlavorPaths
 from pipeline.files import hash_file
 from tests.servers.disks import nonzero_ranges
 from tests.servers.aws import snapshot_bytes
@@ -57,7 +57,7 @@ def big_build(flavor) -> FlavorPaths:
 def test_in_process_upload_passes_every_checksum(ebs, aws, cloud_build_dir):
     flavor = make_flavor({"aws": {"regions": ["us-east-1"], "workers": 4}}, name="ebscheck")
     paths = flavor_paths(flavor)
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     disk = paths.build / "disk.raw"
     stats = ebs.faults()
     assert stats["bad_checksums"] == 0 and stats["put_blocks"] == len(nonzero_ranges(disk, BLOCK))
@@ -71,7 +71,7 @@ def test_two_worker_processes_upload_exactly_the_data_blocks(ebs, aws, cloud_bui
     flavor = make_flavor({"aws": {"regions": ["us-east-1"], "workers": 8, "processes": 2}}, name="ebsmp")
     paths = big_build(flavor)
     disk = paths.build / "disk.raw"
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
 
     wanted = nonzero_ranges(disk, BLOCK)
     stats = ebs.faults()
@@ -88,11 +88,11 @@ def test_block_refused_in_a_worker_process_fails_cleanly(ebs, aws, cloud_build_d
     paths = big_build(flavor)
     ebs.faults(block_status=400, count=1, after=40)   # a 400 is not retried by botocore
     with pytest.raises(PublishError) as err:
-        publish.publish_cloud(flavor, paths, "0.1.0", "aws")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     assert "PutSnapshotBlock" in str(err.value) and "injected fault" in str(err.value)
     # the half-written snapshot is gone, no image was registered, nothing recorded as published
     ec2 = aws.moto.client("ec2")
     snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag:cos-flavor", "Values": ["ebsfail"]}])
     assert snaps["Snapshots"] == []
     assert ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": ["cos-ebsfail-*"]}])["Images"] == []
-    assert not publish.is_published(flavor, paths, "aws")
+    assert not publish.is_published(FlavorContext(flavor, paths, "0.1.0"), "aws")

@@ -17,6 +17,7 @@ import pytest
 from cloud.errors import PublishError
 from cloud.gcp import GcpUploader
 from pipeline import publish
+from pipeline.config import FlavorContext
 from tests.servers.fixtures import cloud_build_dir, flavor_paths, gcp, gcp_servers, kill_publish_midway, make_flavor, server_logs  # noqa: F401
 from tests.servers.gce import GenerationMatch
 from tests.servers.proxy import UNAVAILABLE, Reply
@@ -28,10 +29,10 @@ def gcp_target(**extra):
 
 def test_publish_uploads_inserts_and_deprecates_previous(gcp, cloud_build_dir):
     flavor = make_flavor({"gcp": gcp_target(labels={"team": "os"})}, name="gctest")
-    first = publish.publish_cloud(flavor, flavor_paths(flavor, seed=1), "0.1.0", "gcp")
+    first = publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor, seed=1), "0.1.0"), "gcp")
     paths = flavor_paths(flavor, seed=2)
     tar = paths.build / "disk.tar.gz"
-    result = publish.publish_cloud(flavor, paths, "0.1.1", "gcp")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.1"), "gcp")
 
     blob = gcp.storage().bucket("cos-images").get_blob(f"{result['name']}.tar.gz")
     assert blob.download_as_bytes() == tar.read_bytes()
@@ -55,7 +56,7 @@ def test_publish_uploads_inserts_and_deprecates_previous(gcp, cloud_build_dir):
 
     # re-run: nothing is uploaded or inserted
     inserts, sent = len(gcp.gce.inserts()), len(gcp.proxy.seen(lambda r: r.method in ("POST", "PUT")))
-    again = publish.publish_cloud(flavor, paths, "0.1.1", "gcp")
+    again = publish.publish_stage(FlavorContext(flavor, paths, "0.1.1"), "gcp")
     assert again["images"] == result["images"]
     assert len(gcp.gce.inserts()) == inserts
     assert len(gcp.proxy.seen(lambda r: r.method in ("POST", "PUT"))) == sent
@@ -63,7 +64,7 @@ def test_publish_uploads_inserts_and_deprecates_previous(gcp, cloud_build_dir):
 
 def test_arm64_architecture(gcp, cloud_build_dir):
     flavor = make_flavor({"gcp": gcp_target(family=None)}, name="gcarm", arch="arm64")
-    publish.publish_cloud(flavor, flavor_paths(flavor), "0.1.0", "gcp")
+    publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor), "0.1.0"), "gcp")
     assert gcp.gce.inserts()[0]["architecture"] == "ARM64"
 
 
@@ -73,7 +74,7 @@ def test_throttling_and_5xx_are_retried(gcp, cloud_build_dir):
     upload_fault = gcp.proxy.inject(lambda r: r.method == "PUT" and "upload_id" in r.path, 2, UNAVAILABLE)
     flavor = make_flavor({"gcp": gcp_target()}, name="gcfaults")
     paths = flavor_paths(flavor)
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "gcp")
     assert all(f["hits"] == f["times"] for f in faults) and upload_fault.hits == 2
     assert len(gcp.gce.images) == 1
     blob = gcp.storage().bucket("cos-images").get_blob(f"{result['name']}.tar.gz")
@@ -87,7 +88,7 @@ def test_failed_insert_surfaces_error_and_removes_object(gcp, cloud_build_dir):
     bucket = gcp.storage().bucket("cos-images")
     gcp.gce.fail("POST", r"/global/images$", 1000, 400)
     with pytest.raises(PublishError, match="insert image"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "gcp")
     assert list(bucket.list_blobs()) == []
     assert not (paths.build / "cloud-images.json").exists()
 
@@ -102,7 +103,7 @@ def test_killed_upload_then_rerun_gives_one_image(gcp, cloud_build_dir):
                         setup="import cloud.gcp\ncloud.gcp.UPLOAD_CHUNK = 256 * 1024  # several chunks to kill between")
     assert gcp.gce.images == {}
 
-    result = publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
+    result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "gcp")
     assert [n for (_, n) in gcp.gce.images] == [result["name"]]
     blob = gcp.storage().bucket("cos-images").get_blob(f"{result['name']}.tar.gz")
     assert blob.download_as_bytes() == (paths.build / "disk.tar.gz").read_bytes()
@@ -111,19 +112,18 @@ def test_killed_upload_then_rerun_gives_one_image(gcp, cloud_build_dir):
 def test_dry_run_touches_nothing(gcp, cloud_build_dir, monkeypatch):
     monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
     flavor = make_flavor({"gcp": gcp_target()}, name="gcplan")
-    result = publish.publish_cloud(flavor, flavor_paths(flavor), "0.1.0", "gcp")
+    result = publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor), "0.1.0"), "gcp")
     assert any(s.startswith("upload disk.tar.gz") for s in result["plan"])
     assert {m for m, _, _ in gcp.gce.requests} <= {"GET", "POST"} and gcp.gce.inserts() == []
     assert [r for r in gcp.proxy.requests if r.method != "GET"] == []
 
 
 def test_gc_deletes_old_images_and_objects(gcp, cloud_build_dir):
-    from pipeline.graph import FlavorContext
     flavor = make_flavor({"gcp": gcp_target(family=None)}, name="gcgc")
     names = []
     for seed in (1, 2, 3):
         paths = flavor_paths(flavor, seed=seed)
-        names.append(publish.publish_cloud(flavor, paths, "0.1.0", "gcp")["name"])
+        names.append(publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "gcp")["name"])
     ctx = FlavorContext(make_flavor({"gcp": gcp_target(family=None), "retention_keep": 1}, name="gcgc"), paths, "0.1.0")
     assert sorted(i.image for i in publish.gc([ctx])) == sorted(names[:2])
     assert len(gcp.gce.images) == 3
@@ -140,8 +140,8 @@ def failed_publish(flavor, seed: int) -> str:
     """A publish whose images.insert is refused; the image name it was for."""
     paths = flavor_paths(flavor, seed=seed)
     with pytest.raises(PublishError, match="insert image"):
-        publish.publish_cloud(flavor, paths, "0.1.0", "gcp")
-    return publish.image_spec(flavor, paths, "0.1.0", "gcp").name
+        publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "gcp")
+    return publish.image_spec(FlavorContext(flavor, paths, "0.1.0"), "gcp").name
 
 
 def flavor_objects(gcp, flavor: str | None = None) -> set[str]:
@@ -152,9 +152,8 @@ def flavor_objects(gcp, flavor: str | None = None) -> set[str]:
 def test_gc_deletes_orphan_objects_once_old_enough(gcp, cloud_build_dir):
     """fake-gcs-server cannot age an object: the age rule is checked with the default
     (24 h: nothing fresh is touched) and with retention_orphan_hours: 0 (every orphan goes)."""
-    from pipeline.graph import FlavorContext
     flavor = make_flavor({"gcp": gcp_target(family=None)}, name="gcorphans")
-    live = publish.publish_cloud(flavor, flavor_paths(flavor, seed=1), "0.1.0", "gcp")["name"]
+    live = publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor, seed=1), "0.1.0"), "gcp")["name"]
     # runs whose images.insert was refused and that could not delete their object either
     gcp.gce.fail("POST", r"/global/images$", 10_000, 400)
     gcp.proxy.inject(lambda r: r.method == "DELETE", 10_000, GCS_REFUSED)
@@ -189,7 +188,6 @@ def test_gc_deletes_orphan_objects_once_old_enough(gcp, cloud_build_dir):
 
 def test_gc_leaves_an_orphan_replaced_since_it_was_listed(gcp, cloud_build_dir):
     """An object re-uploaded (new generation) between the listing and the delete is kept."""
-    from pipeline.graph import FlavorContext
     flavor = make_flavor({"gcp": gcp_target(family=None), "retention_orphan_hours": 0}, name="gcreplaced")
     gcp.gce.fail("POST", r"/global/images$", 10_000, 400)
     gcp.proxy.inject(lambda r: r.method == "DELETE", 10_000, GCS_REFUSED)
@@ -203,7 +201,7 @@ def test_gc_leaves_an_orphan_replaced_since_it_was_listed(gcp, cloud_build_dir):
     blob.upload_from_string(b"a new upload")
     gcp.proxy.handlers.append(GenerationMatch(gcp.gcs.url))  # fake-gcs-server ignores ifGenerationMatch on DELETE
     try:
-        GcpUploader(flavor.clouds.gcp, publish.image_spec(flavor, flavor_paths(flavor), "0.1.0", "gcp")).gc_delete(item)
+        GcpUploader(flavor.clouds.gcp, publish.image_spec(FlavorContext(flavor, flavor_paths(flavor), "0.1.0"), "gcp")).gc_delete(item)
     finally:
         gcp.proxy.handlers.pop()
     assert len(gcp.proxy.seen(lambda r: r.method == "DELETE" and "ifGenerationMatch" in r.path)) == 1

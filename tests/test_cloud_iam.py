@@ -25,7 +25,7 @@ from botocore.exceptions import ClientError
 
 from cloud.errors import PublishError
 from pipeline import publish
-from pipeline.graph import FlavorContext
+from pipeline.config import FlavorContext
 from tests.servers.aws import EmptyBodySigner, ImageDeprecations, MotoServer
 from tests.servers.fixtures import CLEAR_ENV, cloud_build_dir, flavor_paths, make_flavor, server_logs  # noqa: F401
 from tests.servers.proxy import FaultProxy
@@ -101,7 +101,7 @@ class Publisher:
         self.build_dir = build_dir
 
     def publish(self, seed: int) -> dict:
-        return publish.publish_cloud(self.flavor, flavor_paths(self.flavor, seed=seed), "0.1.0", "aws")
+        return publish.publish_stage(FlavorContext(self.flavor, flavor_paths(self.flavor, seed=seed), "0.1.0"), "aws")
 
     def leave_orphan(self) -> str:
         """What a killed publish leaves: a started, never completed snapshot (made as admin)."""

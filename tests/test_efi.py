@@ -5,7 +5,6 @@ with the label and volume id asked for, byte-identical when built twice."""
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from pipeline import files
-from pipeline.files import DigestCache, DigestChecker, atomic_path, data_extents, fast_digest
+from pipeline.files import DigestCache, atomic_path, data_extents, fast_digest
+from pipeline.graph import DigestChecker
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import tarfile
 import pytest
 
 from pipeline import formats
-from pipeline.efi import BootInputs
+from pipeline.artifacts import BootInputs
 from tests.synthetic import SDE, need_tools, run
 
 MIB = 1024 * 1024

@@ -285,6 +285,48 @@ def test_5xx_and_429_are_retried(gh, build):
     assert "retry 1/4" in out.stderr and "half-uploaded" in out.stderr
 
 
+def _tmpfs_works() -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", 'd=$(mktemp -d) && mount -t tmpfs -o size=1m cos "$d"'],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_full_disk_fails_fast_with_a_clear_error(gh, tmp_path):
+    """build/<flavor>/release/ on a 2 MiB filesystem; the raw disk compresses to ~12 MiB.
+    zstd must be stopped when writing its output fails, not waited for (it blocks on the
+    full pipe: the release would hang). A tmpfs in a private mount namespace when this
+    host allows mounts, else a file size limit (RLIMIT_FSIZE) that makes writes fail alike."""
+    import resource
+    import signal
+
+    from tests.conftest import DOIT, REPO
+    b = make_build(tmp_path / "build")
+    write_sparse(b / "disk" / RAW, 16 * 1024 ** 2, {0: os.urandom(12 * 1024 ** 2)})  # incompressible
+    write_manifest(b)
+    release_dir, listing = b / "release", tmp_path / "left-behind.txt"
+    release_dir.mkdir()
+    cmd, limit = [*DOIT, "release-red"], None
+    if _tmpfs_works():
+        cmd = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=2m cos-full "$0" && "$@"; rc=$?; '
+               'find "$0" -type f > "$LISTING"; exit $rc', str(release_dir), *cmd]
+    else:
+        limit = 2 * 1024 ** 2
+
+    def small_files() -> None:  # the fallback: writes beyond `limit` bytes fail with EFBIG
+        if limit:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=small_files,
+                         env={**os.environ, **env_for(gh, b), "LISTING": str(listing)})
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert f"cannot write {release_dir / 'cache'}" in out.stdout, out.stdout + out.stderr
+    assert ("No space left on device" if limit is None else "File too large") in out.stdout
+    left = listing.read_text().split() if limit is None else [str(p) for p in release_dir.rglob("*") if p.is_file()]
+    assert not [f for f in left if f.endswith((".zst", ".part"))], f"half-written output left: {left}"
+    assert gh.uploads_done() == []
+
+
 def test_bad_token_fails_clearly(gh, build):
     out = release(gh, build, check=False, GITHUB_TOKEN="wrong-token")
     assert out.returncode != 0

@@ -197,11 +197,11 @@ import sys, logging
 logging.basicConfig(level=logging.INFO)
 sys.path.insert(0, {repo!r})
 from tests.servers.fixtures import make_flavor
-from pipeline.config import FlavorPaths
 from pipeline import publish
+from pipeline.config import FlavorContext, FlavorPaths
 {setup}
 flavor = make_flavor({clouds!r}, name={name!r})
-publish.publish_cloud(flavor, FlavorPaths(flavor), "0.1.0", {cloud!r})
+publish.publish_stage(FlavorContext(flavor, FlavorPaths(flavor), "0.1.0"), {cloud!r})
 """
 
 

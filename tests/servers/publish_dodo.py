@@ -1,4 +1,4 @@
-"""A dodo file publishing one synthetic flavor with the real pipeline.publish tasks, as
+"""A dodo file publishing one synthetic flavor with the real publish tasks of pipeline.graph, as
 `doit publish-<flavor>` does for the repo's flavors (which configure no clouds here).
 
 Environment: COS_TEST_FLAVOR (name), COS_TEST_CLOUDS (JSON `clouds:` section),
@@ -12,10 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline import log, publish  # noqa: E402
+from pipeline import log  # noqa: E402
 from pipeline.config import FlavorPaths, build_root  # noqa: E402
-from pipeline.files import DigestChecker  # noqa: E402
-from pipeline.graph import FlavorContext  # noqa: E402
+from pipeline.graph import DigestChecker, FlavorContext, cloud_gc_tasks, publish_tasks  # noqa: E402
 from tests.servers.fixtures import make_flavor  # noqa: E402
 
 log.setup()
@@ -28,8 +27,8 @@ _ctx = FlavorContext(_flavor, FlavorPaths(_flavor), "0.1.0")
 
 
 def task_publish():
-    yield from publish.tasks(_ctx)
+    yield from publish_tasks(_ctx)
 
 
 def task_cloud_gc():
-    yield from publish.gc_tasks([_ctx])
+    yield from cloud_gc_tasks([_ctx])

@@ -1,4 +1,4 @@
-"""A small GitHub Releases client over httpx (the calls release.py needs, nothing more).
+"""A small GitHub Releases client over httpx (the calls the release needs, nothing more).
 
 Settings come from the GitHub Actions conventions: GITHUB_API_URL, GITHUB_REPOSITORY,
 GITHUB_TOKEN. Uploads go to the host in the release's `upload_url`, streamed from a
@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import httpx
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 log = logging.getLogger("cos.github")
 

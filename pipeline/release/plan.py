@@ -1,17 +1,9 @@
-"""GitHub Release of a flavor: `doit release-<flavor>` (issue 5).
-
-One release per tag v<version> holds every flavor and arch, so each file is named
-per flavor/arch and each flavor owns one marked section of the release notes.
-
-1. prepare (local, no network): from build/<flavor>/manifest.json, the ISO, qcow2 and
-   GCE tar as they are, the raw disk and Azure VHD compressed with zstd into
-   build/<flavor>/release/ (cached by the source's sha256: a re-run does not recompress),
-   the manifest, cloud-images.json, images-<flavor>-<arch>.txt, a README and SHA256SUMS.
-   Files of >= 2 GiB (GitHub's limit) become parts < 2 GiB, uploaded straight from byte
-   ranges of the file; SHA256SUMS lists the parts and the joined file.
-2. publish: create the release if missing, compare with the assets already there (size +
-   sha256, from the asset's digest or the release's SHA256SUMS), upload what is missing,
-   refuse to touch a changed asset unless asked (--replace / COS_RELEASE_REPLACE=1).
+"""Release, step 1 (local, no network): everything to upload, made and checksummed under
+build/<flavor>/release/: the ISO, qcow2 and GCE tar as they are, the raw disk and Azure
+VHD compressed with zstd (cached by the source's sha256: a re-run does not recompress),
+the manifest, cloud-images.json, images-<flavor>-<arch>.txt, a README and SHA256SUMS.
+Files of >= 2 GiB (GitHub's limit) become parts < 2 GiB, uploaded straight from byte
+ranges of the file; SHA256SUMS lists the parts and the joined file.
 """
 from __future__ import annotations
 
@@ -19,22 +11,17 @@ import hashlib
 import json
 import logging
 import os
-import re
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
-from doit.exceptions import TaskFailed
-
-from . import manifest
-from .config import Flavor, FlavorPaths
-from .errors import PipelineError
-from .files import CHUNK, DIGESTS, atomic_path, hash_file, write_json_atomic
-from .github import ReleasesClient, Settings
-from .run import command_failed, require_tool
-from .version import head_commit, is_tagged_release, release_tag
+from .. import manifest
+from ..artifacts import KINDS, artifact_name
+from ..config import FlavorContext, FlavorPaths
+from ..errors import PipelineError
+from ..files import CHUNK, DIGESTS, atomic_path, hash_file, write_json_atomic
+from ..run import require_tool, stream
+from ..version import release_tag
 
 log = logging.getLogger("cos.release")
 
@@ -49,14 +36,6 @@ CACHE_DIR = "cache"  # under build/<flavor>/release/: compressed disks and part 
 REPLACE_ENV = "COS_RELEASE_REPLACE"
 LIMIT_ENV = "COS_RELEASE_MAX_ASSET_BYTES"
 
-# manifest artifact kind -> (release asset name, compress with zstd)
-ARTIFACTS: dict[str, tuple[str, bool]] = {
-    "iso": ("cOS-Seed-{flavor}-{version}-{arch}.iso", False),
-    "raw": ("cOS-Vanilla-RAW-{flavor}-{version}-{arch}.raw", True),
-    "azure-vhd": ("cOS-Vanilla-AZURE-{flavor}-{version}-{arch}.vhd", True),
-    "gce-tar": ("cOS-Vanilla-GCE-{flavor}-{version}-{arch}.tar.gz", False),
-    "qcow2": ("cOS-Vanilla-QEMU-{flavor}-{version}-{arch}.qcow2", False),
-}
 
 
 class ReleaseError(PipelineError):
@@ -131,12 +110,12 @@ def load_manifest(paths: FlavorPaths, version: str) -> dict:
 def checked_artifacts(paths: FlavorPaths, data: dict) -> dict[str, tuple[Path, str]]:
     """kind -> (file, sha256) for every releasable kind; all problems in one error."""
     by_kind = {a["kind"]: a for a in data.get("artifacts", [])}
-    missing = [k for k in ARTIFACTS if k not in by_kind]
+    missing = [k for k in KINDS if k not in by_kind]
     if missing:
         raise ReleaseError(f"{paths.manifest} has no artifact of kind {', '.join(missing)}",
                            f"build them: doit build-{paths.flavor.name}")
     out, problems = {}, []
-    for kind in ARTIFACTS:
+    for kind in KINDS:
         entry = by_kind[kind]
         src = paths.build / entry["path"]
         if not src.is_file():
@@ -168,23 +147,27 @@ def zstd_compressed(src: Path, src_sha: str, out: Path) -> tuple[str, int]:
         pass
     cmd = [require_tool("zstd"), *ZSTD_ARGS, "-q", "-c", str(src)]
     log.info("$ %s > %s", " ".join(cmd), out.name)
-    digest, size = hashlib.sha256(), 0
-    with atomic_path(out) as tmp, open(tmp, "wb") as sink, tempfile.TemporaryFile() as errlog:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errlog)
-        try:
-            while chunk := proc.stdout.read(CHUNK):
-                digest.update(chunk)
-                sink.write(chunk)
-                size += len(chunk)
-        finally:
-            rc = proc.wait()
-        if rc != 0:
-            errlog.seek(0)
-            raise command_failed(cmd, rc, errlog.read())
-        sink.flush()
+    digest = hashlib.sha256()
+    try:
+        with atomic_path(out) as tmp, open(tmp, "wb") as sink:
+            size = stream(cmd, drain=lambda pipe: _hashed_copy(pipe, sink, digest))
+    except OSError as exc:  # writing the output: typically a full disk
+        raise ReleaseError(f"cannot write {out}: {exc.strerror or exc}; zstd was stopped, nothing was kept",
+                           f"free space on the filesystem of {out.parent} (it needs about the compressed "
+                           f"size of {src.name}) and re-run") from None
     DIGESTS.remember(out, digest.hexdigest())
     write_json_atomic(sidecar, {**key, "sha256": digest.hexdigest(), "size": size})
     return digest.hexdigest(), size
+
+
+def _hashed_copy(src: IO[bytes], sink: IO[bytes], digest: "hashlib._Hash") -> int:
+    """Copy src to sink through `digest`; returns the byte count."""
+    size = 0
+    while chunk := src.read(CHUNK):
+        digest.update(chunk)
+        sink.write(chunk)
+        size += len(chunk)
+    return size
 
 
 def part_digests(path: Path, sha: str, size: int, part: int, cache_dir: Path) -> list[str]:
@@ -232,18 +215,17 @@ def image_reference(data: dict) -> str:
     return image.get("pushed") or image.get("reference") or ""
 
 
-def prepare(flavor: Flavor, paths: FlavorPaths, version: str, limit: int | None = None) -> Plan:
+def prepare(ctx: FlavorContext, limit: int | None = None) -> Plan:
     """Everything to upload, made and checksummed under build/<flavor>/release/."""
+    flavor, paths, version = ctx.flavor, ctx.paths, ctx.version
     limit = limit or max_asset_bytes()
     data = load_manifest(paths, version)
     arch = data.get("arch") or flavor.arch
     out_dir = paths.build / "release"
     plan = Plan(flavor.name, arch, version, [])
-    fmt = {"flavor": flavor.name, "version": version, "arch": arch}
     for kind, (src, src_sha) in checked_artifacts(paths, data).items():
-        template, compress = ARTIFACTS[kind]
-        name = template.format(**fmt)
-        if compress:
+        name = artifact_name(kind, flavor.name, version, arch)
+        if KINDS[kind].compress:
             name += ".zst"
             # named by content, not version: a new commit with the same disk reuses it
             path = out_dir / CACHE_DIR / f"{src_sha[:32]}.zst"
@@ -331,152 +313,3 @@ def release_notes(plan: Plan, data: dict, cloud: dict) -> str:
         lines += [f"`{name}` is split in {len(parts)} parts (GitHub limits assets to < 2 GiB); "
                   f"join them: `cat {name}.part* > {name}`"]
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- publish (network)
-
-def merge_section(body: str, key: str, section: str) -> str:
-    start, end = f"<!-- cos-release:{key} -->", f"<!-- /cos-release:{key} -->"
-    block = f"{start}\n{section.strip()}\n{end}"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if pattern.search(body or ""):
-        return pattern.sub(lambda _: block, body, count=1)
-    return (body or "").rstrip() + "\n\n" + block + "\n"
-
-
-def remote_digests(gh: ReleasesClient, plan: Plan, remote: dict[str, dict]) -> dict[str, str]:
-    """sha256 of each remote asset: its `digest` field, else our SHA256SUMS on the release."""
-    out = {n: a["digest"].split(":", 1)[1] for n, a in remote.items()
-           if str(a.get("digest") or "").startswith("sha256:")}
-    sums = remote.get(f"SHA256SUMS-{plan.key}")
-    if sums and any(n not in out for n in remote):
-        text = gh.download(sums)
-        out.setdefault(sums["name"], hashlib.sha256(text).hexdigest())
-        for line in text.decode(errors="replace").splitlines():
-            sha, _, name = line.partition("  ")
-            out.setdefault(name.strip(), sha.strip())
-    return out
-
-
-@dataclass
-class Diff:
-    upload: list[Asset] = field(default_factory=list)
-    replace: list[tuple[Asset, dict]] = field(default_factory=list)
-    same: list[Asset] = field(default_factory=list)
-    broken: list[dict] = field(default_factory=list)   # half-made by an interrupted run
-
-
-def compare(plan: Plan, remote: dict[str, dict], digests: dict[str, str]) -> Diff:
-    diff = Diff()
-    ours = {a.name for a in plan.assets}
-    for name, asset in remote.items():
-        stale_tmp = name.endswith(".replacing") and name[: -len(".replacing")] in ours
-        if asset.get("state", "uploaded") != "uploaded" or stale_tmp:
-            diff.broken.append(asset)
-    broken = {a["name"] for a in diff.broken}
-    for a in plan.assets:
-        r = remote.get(a.name)
-        if r is None or a.name in broken:
-            diff.upload.append(a)
-        elif r["size"] == a.size and digests.get(a.name) == a.sha256:
-            diff.same.append(a)
-        else:
-            diff.replace.append((a, r))
-    return diff
-
-
-def publish(plan: Plan, gh: ReleasesClient, *, replace: bool = False, target: str | None = None) -> dict:
-    """Make the release match `plan`; `target` is the commit a missing tag is created at."""
-    header = f"cOS {plan.version}\n\nFiles per flavor and arch below; each has its README and SHA256SUMS."
-    rel, created = gh.ensure_release(plan.tag, name=f"cOS {plan.version}",
-                                     body=merge_section(header, plan.key, plan.notes),
-                                     prerelease=not is_tagged_release(plan.version), target=target)
-    remote = {a["name"]: a for a in gh.assets(rel)}
-    diff = compare(plan, remote, remote_digests(gh, plan, remote))
-
-    total = len(set(remote) | {a.name for a in plan.assets})
-    if total > MAX_ASSETS:
-        raise ReleaseError(f"release {plan.tag} would hold {total} assets; GitHub allows at most {MAX_ASSETS}",
-                           "delete unused assets from the release, or raise the part size "
-                           f"({LIMIT_ENV}) so large files split into fewer parts")
-    changed = [a for a, _ in diff.replace if not a.derived]
-    if changed and not replace:
-        names = ", ".join(a.name for a in changed)
-        raise ReleaseError(f"release {plan.tag} already has a different {names} (size or sha256 differs "
-                           "from the local build); nothing was uploaded",
-                           f"to overwrite: doit release-{plan.flavor} --replace (or {REPLACE_ENV}=1); "
-                           "or release a new version")
-
-    for asset in diff.broken:
-        log.info("deleting incomplete asset %s left by an interrupted upload", asset["name"])
-        gh.delete_asset(asset)
-    order = sorted(diff.upload + [a for a, _ in diff.replace], key=lambda a: a.derived)  # sums last
-    old = {a.name: r for a, r in diff.replace}
-    for asset in order:
-        if asset.name in old:
-            _replace(gh, rel, asset, old[asset.name])
-        else:
-            gh.upload(rel, asset.name, asset.path, asset.offset, asset.size, sha256=asset.sha256)
-    _update_notes(gh, rel, plan)
-    result = {"tag": plan.tag, "release_id": rel["id"], "created": created,
-              "uploaded": [a.name for a in diff.upload], "replaced": sorted(old),
-              "unchanged": [a.name for a in diff.same]}
-    log.info("release %s: %d uploaded, %d replaced, %d unchanged", plan.tag,
-             len(result["uploaded"]), len(result["replaced"]), len(result["unchanged"]))
-    return result
-
-
-def _replace(gh: ReleasesClient, rel: dict, asset: Asset, old: dict) -> None:
-    """Upload under a temporary name, then swap: the old file stays until the new one is whole."""
-    tmp = gh.upload(rel, f"{asset.name}.replacing", asset.path, asset.offset, asset.size, sha256=asset.sha256)
-    gh.delete_asset(old)
-    gh.rename_asset(tmp, asset.name)
-    log.info("replaced %s", asset.name)
-
-
-def _update_notes(gh: ReleasesClient, rel: dict, plan: Plan, attempts: int = 3) -> None:
-    """Put our section in the notes; re-read to catch a concurrent edit by another matrix job."""
-    for attempt in range(attempts + 1):
-        current = gh.get_release(rel["id"]).get("body") or ""
-        body = merge_section(current, plan.key, plan.notes)
-        if body == current:
-            return
-        if attempt < attempts:
-            gh.update_release(rel["id"], body=body)
-    raise ReleaseError(f"release notes of {plan.tag} keep changing under us",
-                       f"re-run doit release-{plan.flavor} when the other release jobs are done")
-
-
-# ---------------------------------------------------------------- doit
-
-def release(flavor: Flavor, paths: FlavorPaths, version: str, *, replace: bool = False,
-            limit: int | None = None) -> dict:
-    settings = Settings.from_env()
-    load_manifest(paths, version)  # cheap checks first: the build is there and of this version
-    with ReleasesClient(settings) as gh:
-        gh.release_by_tag(release_tag(version))  # token and repository work, before any compression
-        plan = prepare(flavor, paths, version, limit)
-        result = publish(plan, gh, replace=replace, target=head_commit(paths.root))
-    write_json_atomic(paths.state("release"), {**result, "assets": {a.name: a.sha256 for a in plan.assets}})
-    return result
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-def tasks(ctx) -> Iterator[dict]:
-    def release_action(replace: bool) -> TaskFailed | None:
-        try:
-            release(ctx.flavor, ctx.paths, ctx.version, replace=replace or _env_flag(REPLACE_ENV))
-        except PipelineError as exc:
-            return TaskFailed(str(exc))
-        return None
-
-    yield {"basename": f"release-{ctx.name}",
-           "doc": f"publish {ctx.name}'s artifacts to the GitHub Release v{ctx.version} "
-                  "(GITHUB_TOKEN, GITHUB_REPOSITORY, GITHUB_API_URL)",
-           "actions": [(release_action,)],
-           "params": [{"name": "replace", "long": "replace", "type": bool, "default": False,
-                       "help": f"overwrite release assets that differ from this build (or {REPLACE_ENV}=1)"}],
-           "verbosity": 2}
