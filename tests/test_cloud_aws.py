@@ -223,7 +223,8 @@ def test_gc_keeps_newest_and_is_dry_run_by_default(aws, cloud_build_dir):
 
 
 def test_tasks_only_for_configured_clouds(aws, cloud_build_dir):
-    from pipeline.config import FlavorContext, publish_tasks
+    from pipeline.config import FlavorContext
+    from pipeline.graph import publish_tasks
     flavor = aws_flavor(name="tasks")
     paths = flavor_paths(flavor)
     ctx = FlavorContext(flavor, paths, "0.1.0")
