@@ -9,7 +9,7 @@ import shlex
 from typing import Any
 
 from .schema import Document, from_mapping
-from .spec import SpecError, boolean, mapping, str_list, string
+from .spec import SpecError, boolean, mapping, mappings, str_list, string
 
 PWAUTH_DROPIN = "/etc/ssh/sshd_config.d/50-cos-pwauth.conf"
 SUPPORTED = {"users", "ssh_authorized_keys", "chpasswd", "hostname", "fqdn", "write_files", "runcmd", "bootcmd",
@@ -59,13 +59,10 @@ def _chpasswd(value: Any) -> dict[str, dict[str, Any]]:
 
 def _write_files(value: Any) -> list[dict[str, Any]]:
     out = []
-    if not isinstance(value, list):
-        raise SpecError("write_files: expected a list")
-    for i, entry in enumerate(value):
-        item = mapping(entry, f"write_files[{i}]", {"path", "content", "encoding", "permissions", "owner", "append",
-                                                     "defer"}, ("path",))
+    for w, item in mappings(value, "write_files", "", {"path", "content", "encoding", "permissions", "owner",
+                                                       "append", "defer"}, ("path",)):
         if item.get("append"):
-            raise SpecError(f"write_files[{i}]: append is not supported (write the whole file)")
+            raise SpecError(f"{w}: append is not supported (write the whole file)")
         ours: dict[str, Any] = {k: item[k] for k in ("path", "content", "encoding", "permissions") if k in item}
         if "owner" in item:
             ours["ownerstring"] = item["owner"]

@@ -3,7 +3,7 @@ key path (e.g. "files[1].permissions") and what was expected, so a typo in a use
 file becomes one clear line instead of a traceback."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 
@@ -28,6 +28,17 @@ def mapping(value: Any, where: str, allowed: set[str] | None = None,
         if key not in out:
             raise SpecError(f"{where}: missing required key '{key}'")
     return out
+
+
+def mappings(value: Any, where: str, what: str, allowed: set[str],
+             required: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A list of mappings (files, directories, write_files): each item checked by
+    mapping(), yielded with its key path ("files[2]") for the errors about its values."""
+    if not isinstance(value, list):
+        raise SpecError(f"{where}: expected a list{' of ' + what if what else ''}")
+    for i, item in enumerate(value):
+        w = f"{where}[{i}]"
+        yield w, mapping(item, w, allowed, required)
 
 
 def string(value: Any, where: str) -> str:

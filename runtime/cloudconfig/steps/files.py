@@ -9,7 +9,7 @@ from typing import Any
 
 from ..accounts import Accounts
 from ..context import Context
-from ..spec import SpecError, mapping, mode, opt_string, string
+from ..spec import SpecError, mappings, mode, opt_string, string
 
 ENCODINGS = {"": (), "b64": ("b64",), "base64": ("b64",), "gz": ("gz",), "gzip": ("gz",),
              "gz+b64": ("b64", "gz"), "gzip+base64": ("b64", "gz"), "gz+base64": ("b64", "gz"),
@@ -73,12 +73,9 @@ def decode(content: str, encoding: str, where: str) -> bytes:
 
 
 def parse_files(value: Any, where: str) -> list[FileSpec]:
-    if not isinstance(value, list):
-        raise SpecError(f"{where}: expected a list of files")
     out = []
-    for i, item in enumerate(value):
-        w = f"{where}[{i}]"
-        spec = mapping(item, w, {"path", "content", "encoding", "permissions"} | OWNER_KEYS, ("path",))
+    for w, spec in mappings(value, where, "files", {"path", "content", "encoding", "permissions"} | OWNER_KEYS,
+                            ("path",)):
         content = "" if spec.get("content") is None else string(spec["content"], f"{w}.content")
         out.append(FileSpec(_path(spec["path"], f"{w}.path"),
                             decode(content, opt_string(spec.get("encoding"), f"{w}.encoding") or "", w),
@@ -101,12 +98,8 @@ class DirSpec:
 
 
 def parse_directories(value: Any, where: str) -> list[DirSpec]:
-    if not isinstance(value, list):
-        raise SpecError(f"{where}: expected a list of directories")
     out = []
-    for i, item in enumerate(value):
-        w = f"{where}[{i}]"
-        spec = mapping(item, w, {"path", "permissions"} | OWNER_KEYS, ("path",))
+    for w, spec in mappings(value, where, "directories", {"path", "permissions"} | OWNER_KEYS, ("path",)):
         out.append(DirSpec(_path(spec["path"], f"{w}.path"), mode(spec.get("permissions"), f"{w}.permissions"),
                            parse_owner(spec, w)))
     return out
