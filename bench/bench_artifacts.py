@@ -173,8 +173,8 @@ def main() -> int:
 
         raw = artifacts.path(ctx, "raw")
         for kind in formats.FORMATS:
-            pipe = best(lambda: formats.format_stage(ctx, kind), args.repeat)
-            manual = best(lambda: sh(by_hand_format(kind, raw, hand / f"x.{kind}", fresh_work(), inputs.sde),
+            pipe = best(lambda kind=kind: formats.format_stage(ctx, kind), args.repeat)
+            manual = best(lambda kind=kind: sh(by_hand_format(kind, raw, hand / f"x.{kind}", fresh_work(), inputs.sde),
                                      scratch), args.repeat)
             rows.append((kind, pipe, manual))
 

@@ -17,6 +17,6 @@ ARTIFACT_KIND = {"aws": "raw", "azure": "azure-vhd", "gcp": "gce-tar"}
 _CLASSES = {"aws": "cloud.aws:AwsUploader", "azure": "cloud.azure:AzureUploader", "gcp": "cloud.gcp:GcpUploader"}
 
 
-def uploader_class(cloud: str) -> "type[Uploader]":
+def uploader_class(cloud: str) -> type[Uploader]:
     module, name = _CLASSES[cloud].split(":")
     return getattr(import_module(module), name)

@@ -14,8 +14,8 @@ import re
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,9 +23,9 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from . import ebs_direct
 from .aws_client import aws_error, client_config
 from .base import TAG_FLAVOR, TAG_IMAGE, GcItem, ImageSpec, Uploader, require_file, select_for_gc, wait_until
-from . import ebs_direct
 from .disk import blocks_with_data, data_extents
 from .errors import PublishError
 from .progress import Progress
@@ -40,8 +40,8 @@ ARCH = {"x86_64": "x86_64", "arm64": "arm64"}
 
 def deprecate_at(days: int, now: datetime | None = None) -> datetime:
     """now + days in UTC, whole minutes: EC2 takes YYYY-MM-DDTHH:MM:SSZ and rounds seconds."""
-    now = now or datetime.now(timezone.utc)
-    return (now.astimezone(timezone.utc) + timedelta(days=days)).replace(second=0, microsecond=0)
+    now = now or datetime.now(UTC)
+    return (now.astimezone(UTC) + timedelta(days=days)).replace(second=0, microsecond=0)
 
 
 def _tags(d: dict[str, str]) -> list[dict[str, str]]:
@@ -225,7 +225,7 @@ class AwsUploader(Uploader):
                          DiskContainer={"Format": "RAW", "UserBucket": {"S3Bucket": bucket, "S3Key": self.s3_key}},
                          TagSpecifications=[{"ResourceType": "import-snapshot-task", "Tags": _tags(self.tags)}])
         task_id = task["ImportTaskId"]
-        last = [""]
+        last: list[tuple[str, str] | str] = [""]
 
         def finished() -> str | None:
             detail = self.call("ec2", "describe_import_snapshot_tasks", ImportTaskIds=[task_id]
@@ -278,6 +278,7 @@ class AwsUploader(Uploader):
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "InvalidAMIName.Duplicate" or not self.find_existing():
                 raise aws_error(exc, f"RegisterImage {self.spec.name}") from exc
+        assert self.image_id is not None  # registered, or found by find_existing()
         self.images[self.region] = self.image_id
         self._wait_available(self.region, self.image_id)
         log.info("aws: registered %s as %s in %s", self.spec.name, self.image_id, self.region)
@@ -378,7 +379,7 @@ class AwsUploader(Uploader):
         names = {i["Name"] for i in images}
         used = {m["Ebs"]["SnapshotId"] for i in images for m in i.get("BlockDeviceMappings") or []
                 if m.get("Ebs", {}).get("SnapshotId")}
-        cutoff = datetime.now(timezone.utc) - timedelta(hours=self.orphan_hours)
+        cutoff = datetime.now(UTC) - timedelta(hours=self.orphan_hours)
         out = []
         for snap in snaps:
             tags = {t["Key"]: t["Value"] for t in snap.get("Tags", [])}

@@ -18,15 +18,24 @@ import os
 import re
 import struct
 from abc import ABC, abstractmethod
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient, ExponentialRetry
 
-from .base import (TAG_CREATED, TAG_FLAVOR, TAG_IMAGE, GcItem, ImageSpec, Uploader, _as_datetime, require_file,
-                   select_for_gc)
+from .base import (
+    TAG_CREATED,
+    TAG_FLAVOR,
+    TAG_IMAGE,
+    GcItem,
+    ImageSpec,
+    Uploader,
+    _as_datetime,
+    require_file,
+    select_for_gc,
+)
 from .disk import blocks_with_data, for_each_block, is_zero, read_block
 from .errors import PublishError
 from .progress import Progress
@@ -226,7 +235,7 @@ class AzureUploader(Uploader):
         fd = os.open(self.spec.disk, os.O_RDONLY)
         try:
             chunks = list(blocks_with_data(fd, self.size, CHUNK))
-            self.progress = Progress(label, min(len(chunks) * CHUNK, self.size))
+            progress = self.progress = Progress(label, min(len(chunks) * CHUNK, self.size))
 
             def put(index: int) -> None:
                 offset = index * CHUNK
@@ -234,7 +243,7 @@ class AzureUploader(Uploader):
                 if is_zero(data):
                     return
                 blob.upload_page(data, offset=offset, length=len(data))
-                self.progress.add(len(data))
+                progress.add(len(data))
 
             for_each_block(chunks, put, self.target.workers, "azure-page")
         except AzureError as exc:
@@ -247,7 +256,8 @@ class AzureUploader(Uploader):
     def register(self) -> None:
         from azure.mgmt.compute.models import Image, ImageOSDisk, ImageStorageProfile
         t = self.target
-        image = Image(location=t.location, hyper_v_generation="V2", tags=self.tags,
+        # the SDK accepts the flattened properties at runtime; its stubs list only `properties`
+        image = Image(location=t.location, hyper_v_generation="V2", tags=self.tags,  # type: ignore[call-overload]
                       storage_profile=ImageStorageProfile(os_disk=ImageOSDisk(
                           os_type="Linux", os_state="Generalized", **self.source.image_os_disk())))
         self.image = self.arm_wait(f"create image {self.spec.name}", self.compute.images.begin_create_or_update,
@@ -269,9 +279,13 @@ class AzureUploader(Uploader):
         t = self.target
         if not self.use_gallery:
             return
-        from azure.mgmt.compute.models import (GalleryArtifactVersionFullSource, GalleryImageVersion,
-                                               GalleryImageVersionPublishingProfile,
-                                               GalleryImageVersionStorageProfile, TargetRegion)
+        from azure.mgmt.compute.models import (
+            GalleryArtifactVersionFullSource,
+            GalleryImageVersion,
+            GalleryImageVersionPublishingProfile,
+            GalleryImageVersionStorageProfile,
+            TargetRegion,
+        )
         ops = self.compute.gallery_image_versions
         where = f"{t.gallery}/{t.gallery_image}/{self.spec.version}"
         try:
@@ -291,7 +305,7 @@ class AzureUploader(Uploader):
         # list a managed image as an image source (a managed disk only as an osDiskImage
         # snapshot-style source), and one source kind keeps the immutability check above
         # and cloud-gc's order (versions, then images, then disks/blobs) the same.
-        version = GalleryImageVersion(
+        version = GalleryImageVersion(  # type: ignore[call-overload]  # flattened properties, as above
             location=t.location, tags=self.tags,
             storage_profile=GalleryImageVersionStorageProfile(source=GalleryArtifactVersionFullSource(id=self.image.id)),
             publishing_profile=GalleryImageVersionPublishingProfile(
@@ -335,7 +349,7 @@ class AzureUploader(Uploader):
         return items + self._orphan_blobs(every) + self._orphan_disks(every)
 
     def _orphan_cutoff(self) -> datetime:
-        return datetime.now(timezone.utc) - timedelta(hours=self.orphan_hours)
+        return datetime.now(UTC) - timedelta(hours=self.orphan_hours)
 
     def _orphan_blobs(self, images: list) -> list[GcItem]:
         """Page blobs of this flavor (cos_flavor metadata) in the target container that no

@@ -14,7 +14,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class ImageSpec:
     disk_sha256: str
     description: str = ""
     extra_tags: dict[str, str] = field(default_factory=dict)
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dt%H%M%Sz"))
+    created: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%dt%H%M%Sz"))
 
     @property
     def name(self) -> str:
@@ -187,25 +187,25 @@ def select_for_gc(images: list[tuple[str, Any]], keep: int, max_age_days: int | 
     ordered = sorted(images, key=lambda p: _as_datetime(p[0]), reverse=True)
     old = ordered[keep:]
     if max_age_days is not None:
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         old = [p for p in old if (now - _as_datetime(p[0])).days >= max_age_days]
     return [img for _, img in old]
 
 
 def _as_datetime(value: Any) -> datetime:
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     text = str(value)
     for fmt in ("%Y%m%dt%H%M%Sz", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S%z"):
         try:
             dt = datetime.strptime(text.replace("Z", "+0000") if "T" in text else text, fmt)
-            return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+            return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
         except ValueError:
             continue
     try:
-        return datetime.fromisoformat(text).astimezone(timezone.utc)
+        return datetime.fromisoformat(text).astimezone(UTC)
     except ValueError:
-        return datetime.min.replace(tzinfo=timezone.utc)
+        return datetime.min.replace(tzinfo=UTC)
 
 
 def require_file(path: Path, cloud: str, kind: str) -> int:

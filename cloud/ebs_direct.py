@@ -16,9 +16,9 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError

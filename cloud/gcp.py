@@ -14,14 +14,24 @@ import io
 import logging
 import os
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry, if_exception_type
 
-from .base import TAG_CREATED, TAG_FLAVOR, TAG_IMAGE, GcItem, ImageSpec, Uploader, require_file, select_for_gc, wait_until
+from .base import (
+    TAG_CREATED,
+    TAG_FLAVOR,
+    TAG_IMAGE,
+    GcItem,
+    ImageSpec,
+    Uploader,
+    require_file,
+    select_for_gc,
+    wait_until,
+)
 from .errors import PublishError
 from .progress import Progress
 from .targets import GcpTarget
@@ -313,7 +323,7 @@ class GcpUploader(Uploader):
         t = self.target
         names = {i.name for i in images}
         used = {_object_of(i.raw_disk.source) for i in images if i.raw_disk and i.raw_disk.source}
-        cutoff = datetime.now(timezone.utc) - timedelta(hours=self.orphan_hours)
+        cutoff = datetime.now(UTC) - timedelta(hours=self.orphan_hours)
         try:
             blobs = list(self.bucket.list_blobs(retry=RETRY))
         except gexc.NotFound:  # no bucket: nothing was uploaded

@@ -32,13 +32,13 @@ class AwsTarget(StrictModel):
     tags: dict[str, str] = {}
 
     @model_validator(mode="after")
-    def _bucket_for_import(self) -> "AwsTarget":
+    def _bucket_for_import(self) -> AwsTarget:
         if self.upload == "s3-import" and not self.bucket:
             raise ValueError("upload: s3-import needs a bucket (the S3 bucket to stage the raw disk in)")
         return self
 
     @model_validator(mode="after")
-    def _public_deprecation(self) -> "AwsTarget":
+    def _public_deprecation(self) -> AwsTarget:
         if self.public and self.deprecate_after_days and self.deprecate_after_days > 730:
             raise ValueError("deprecate_after_days: AWS allows at most 730 (2 years) for public AMIs")
         return self
@@ -60,13 +60,13 @@ class AzureTarget(StrictModel):
     tags: dict[str, str] = {}
 
     @model_validator(mode="after")
-    def _gallery_pair(self) -> "AzureTarget":
+    def _gallery_pair(self) -> AzureTarget:
         if bool(self.gallery) != bool(self.gallery_image):
             raise ValueError("gallery and gallery_image go together (the gallery and its image definition)")
         return self
 
     @model_validator(mode="after")
-    def _account_for_page_blob(self) -> "AzureTarget":
+    def _account_for_page_blob(self) -> AzureTarget:
         if self.upload == "page-blob" and not self.storage_account:
             raise ValueError("upload: page-blob needs storage_account (the account that holds the VHD page blob); "
                              "or set upload: managed-disk to upload with no storage account")
@@ -84,7 +84,7 @@ class GcpTarget(StrictModel):
     labels: dict[str, str] = {}
 
     @model_validator(mode="after")
-    def _uefi(self) -> "GcpTarget":
+    def _uefi(self) -> GcpTarget:
         if "UEFI_COMPATIBLE" not in self.guest_os_features:
             raise ValueError("guest_os_features must include UEFI_COMPATIBLE (the disk boots with UEFI)")
         return self

@@ -11,5 +11,5 @@ class HintedError(Exception):
         self.hint = hint
         super().__init__(message if not hint else f"{message}\n  hint: {hint}")
 
-    def __reduce__(self):  # keep message and hint apart across processes (cloud uploads)
+    def __reduce__(self) -> tuple[type[HintedError], tuple[str, str | None]]:  # keep message and hint apart across processes (cloud uploads)
         return type(self), (self.message, self.hint)

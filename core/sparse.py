@@ -3,7 +3,7 @@ where they hold bytes (hashing, uploads)."""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -210,7 +211,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _has_path(data: Any, loc: tuple) -> bool:
+def _has_path(data: Any, loc: tuple[Any, ...]) -> bool:
     for part in loc:
         if isinstance(data, dict) and part in data:
             data = data[part]
@@ -221,7 +222,7 @@ def _has_path(data: Any, loc: tuple) -> bool:
     return True
 
 
-def _field_model(loc: tuple) -> type[BaseModel] | None:
+def _field_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model that owns the field at `loc`, to list allowed names."""
     model: Any = Flavor
     for part in loc[:-1]:
@@ -236,7 +237,7 @@ def _field_model(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: Mapping[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if not isinstance(p, str) or not p.startswith("function-"))
     field = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":

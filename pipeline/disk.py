@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import artifacts, efi
 from .config import DiskLayout, FlavorContext
@@ -106,6 +107,7 @@ def _fix_dir_times(root: Path, sde: int) -> None:
 
 def make_ext4(out: Path, part: Part, tree: Path, inputs: artifacts.BootInputs) -> Path:
     """ext4 from a directory, reproducible: fixed UUID, hash seed and times."""
+    assert part.label is not None, f"partition {part.name} holds no filesystem"
     _fix_dir_times(tree, inputs.sde)
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": str(inputs.sde), "SOURCE_DATE_EPOCH": str(inputs.sde)}
     with atomic_path(out) as tmp:
@@ -117,7 +119,7 @@ def make_ext4(out: Path, part: Part, tree: Path, inputs: artifacts.BootInputs) -
     return out
 
 
-def _pin_metadata(image: Path, tree: Path, sde: int, env: dict) -> None:
+def _pin_metadata(image: Path, tree: Path, sde: int, env: dict[str, Any]) -> None:
     """mkfs.ext4 -d (e2fsprogs 1.47.0) copies each file's atime, ctime and owner from the
     staging tree; ctime cannot be set on the host, and an unprivileged CI runner would
     leave its own uid: set them with debugfs (root-owned, times = SOURCE_DATE_EPOCH)."""
@@ -179,7 +181,7 @@ def build_raw(out: Path, inputs: artifacts.BootInputs, disk: DiskLayout) -> Path
     parts = layout(disk)
     starts, total_mib = offsets(parts)
     legacy, esp, oem, recovery = parts
-    search = [disk.state.label, recovery.label]  # an installed COS_STATE first, else recovery
+    search = [disk.state.label, disk.recovery.label]  # an installed COS_STATE first, else recovery
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".raw-") as work:
         w = Path(work)
         early = efi.early_config(search, GRUB_CFG)
@@ -187,7 +189,7 @@ def build_raw(out: Path, inputs: artifacts.BootInputs, disk: DiskLayout) -> Path
         efi.efi_image(w / "BOOTX64.EFI", early)
         files = {esp.name: efi.make_fat(
             w / "efi.img",
-            efi.FatSpec(esp.label, efi.fat_volume_id(inputs.seed + ":esp"), esp.size_mib * MIB),
+            efi.FatSpec(disk.efi.label, efi.fat_volume_id(inputs.seed + ":esp"), esp.size_mib * MIB),
             {"/EFI/BOOT/BOOTX64.EFI": w / "BOOTX64.EFI"}, inputs.sde)}
 
         oem_tree = w / "oem"
@@ -219,7 +221,7 @@ def build_raw(out: Path, inputs: artifacts.BootInputs, disk: DiskLayout) -> Path
     return out
 
 
-def raw_stage(ctx: FlavorContext) -> dict:
+def raw_stage(ctx: FlavorContext) -> dict[str, Any]:
     out = artifacts.path(ctx, "raw")
     build_raw(out, artifacts.boot_inputs(ctx.paths), ctx.flavor.disk)
     return artifacts.record(ctx.paths, "raw", out)

@@ -7,9 +7,10 @@ import shutil
 import socket
 import subprocess
 import time
-from functools import lru_cache
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import PipelineError
 from .run import require_tool
@@ -27,7 +28,7 @@ def _ping(client) -> bool:
         return False
 
 
-@lru_cache(maxsize=None)
+@cache
 def client():
     """A docker client for a daemon that answers; start dockerd if none does."""
     import docker

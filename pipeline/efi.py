@@ -19,9 +19,9 @@ import os
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from .errors import PipelineError
 from .files import atomic_path

@@ -15,8 +15,8 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from core.hashing import CHUNK, fast_digest, hash_file
 from core.sparse import data_extents

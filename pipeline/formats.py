@@ -13,7 +13,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from . import artifacts
 from .config import FlavorContext
@@ -77,7 +77,7 @@ def vhd_checksum(footer: bytes) -> int:
     return ~sum(footer[:64] + b"\0\0\0\0" + footer[68:]) & 0xFFFFFFFF
 
 
-def read_vhd_footer(path: Path) -> dict:
+def read_vhd_footer(path: Path) -> dict[str, Any]:
     """The fields of a fixed VHD's footer that matter to clouds; raises if invalid."""
     with open(path, "rb") as f:
         f.seek(-VHD_FOOTER, os.SEEK_END)
@@ -126,7 +126,7 @@ class GceTar(DiskFormat):
 FORMATS: dict[str, DiskFormat] = {f.kind: f for f in (Qcow2(), AzureVhd(), GceTar())}
 
 
-def format_stage(ctx: FlavorContext, kind: str) -> dict:
+def format_stage(ctx: FlavorContext, kind: str) -> dict[str, Any]:
     fmt, raw = FORMATS[kind], artifacts.path(ctx, "raw")
     if not raw.is_file():
         raise PipelineError(f"{raw} is missing", f"run: doit build-{ctx.name}:raw")

@@ -9,8 +9,8 @@ changes an output is a `config_changed` key of the task that makes it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskFailed
@@ -176,7 +176,7 @@ def format_tasks(ctx: FlavorContext) -> list[Callable[[FlavorContext], Task]]:
 def flavor_tasks(ctx: FlavorContext) -> Iterator[Task]:
     yield {"basename": f"build-{ctx.name}", "name": None,
            "doc": f"build every artifact of flavor {ctx.name} ({ctx.flavor.description})"}
-    stages = [base_task, toolkit_task, image_task]
+    stages: list[Callable[[FlavorContext], Task]] = [base_task, toolkit_task, image_task]
     if ctx.flavor.registry:
         stages.append(push_task)
     stages += [squashfs_task]

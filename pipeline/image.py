@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
+from typing import Any
 
 from . import docker_engine, manifest
 from .bootstrap import bootstrap_image
@@ -24,7 +25,7 @@ def bootstrap_tag(flavor: Flavor) -> str:
     return f"cos-pipeline/bootstrap:{flavor.name}-{flavor.base.bootstrap.suite}"
 
 
-def base_stage(ctx: FlavorContext) -> dict:
+def base_stage(ctx: FlavorContext) -> dict[str, Any]:
     """Pull the base image; if that fails use a local copy, else bootstrap it."""
     flavor, paths = ctx.flavor, ctx.paths
     ref = flavor.base.ref
@@ -36,7 +37,7 @@ def base_stage(ctx: FlavorContext) -> dict:
     return record
 
 
-def _fallback_base(flavor: Flavor, paths: FlavorPaths, pull_error: PipelineError) -> dict:
+def _fallback_base(flavor: Flavor, paths: FlavorPaths, pull_error: PipelineError) -> dict[str, Any]:
     ref = flavor.base.ref
     if local := docker_engine.image_id(ref):
         log.warning("%s; using the local copy of %s", pull_error.message, ref)
@@ -67,7 +68,7 @@ def build_args(flavor: Flavor, version: str, base_ref: str, toolkit_tag: str) ->
             "COS_FLAVOR": flavor.name, "COS_VERSION": version}
 
 
-def image_stage(ctx: FlavorContext) -> dict:
+def image_stage(ctx: FlavorContext) -> dict[str, Any]:
     flavor, paths, version = ctx.flavor, ctx.paths, ctx.version
     base = json.loads(paths.state("base").read_text())
     toolkit = json.loads(paths.state("toolkit").read_text())
@@ -97,7 +98,7 @@ def image_stage(ctx: FlavorContext) -> dict:
     return record
 
 
-def push_stage(ctx: FlavorContext) -> dict:
+def push_stage(ctx: FlavorContext) -> dict[str, Any]:
     flavor, paths = ctx.flavor, ctx.paths
     registry = flavor.registry
     assert registry, "push task exists only when a registry is configured"

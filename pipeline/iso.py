@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from . import artifacts, efi
 from .config import FlavorContext
@@ -87,7 +88,7 @@ def write_sha256(path: Path) -> Path:
     return sums
 
 
-def iso_stage(ctx: FlavorContext) -> dict:
+def iso_stage(ctx: FlavorContext) -> dict[str, Any]:
     flavor, paths, version = ctx.flavor, ctx.paths, ctx.version
     out = artifacts.path(ctx, "iso")
     build_iso(out, artifacts.boot_inputs(paths), label=flavor.boot.live_label, cmdline=flavor.boot.cmdline,

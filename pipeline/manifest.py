@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .files import write_json_atomic
 

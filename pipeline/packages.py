@@ -13,6 +13,7 @@ import logging
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 from . import docker_engine
 from .config import PACKAGES_DIR, FlavorContext, build_root
@@ -80,7 +81,7 @@ def state_path(name: str) -> Path:
     return build_root() / "packages" / f"{name}.json"
 
 
-def build_package(name: str, packages_dir: Path = PACKAGES_DIR) -> dict:
+def build_package(name: str, packages_dir: Path = PACKAGES_DIR) -> dict[str, Any]:
     """Ensure the package image exists; record its tag and id."""
     digest = source_hash(name, packages_dir)
     tag = f"{PACKAGE_REPO}/{name}:{digest[:16]}"
@@ -96,13 +97,13 @@ def build_package(name: str, packages_dir: Path = PACKAGES_DIR) -> dict:
     return record
 
 
-def ensure_image(record: dict, packages_dir: Path = PACKAGES_DIR) -> None:
+def ensure_image(record: dict[str, Any], packages_dir: Path = PACKAGES_DIR) -> None:
     """Rebuild a package image someone deleted from docker (its stamp says it exists)."""
     if docker_engine.image_id(record["tag"]) is None:
         build_package(record["name"], packages_dir)
 
 
-def build_toolkit(names: list[str], out: Path) -> dict:
+def build_toolkit(names: list[str], out: Path) -> dict[str, Any]:
     """Merge package images (in the listed order) into one toolkit image."""
     records = [json.loads(state_path(n).read_text()) for n in names]
     for rec in records:
@@ -122,5 +123,5 @@ def build_toolkit(names: list[str], out: Path) -> dict:
     return record
 
 
-def toolkit_stage(ctx: FlavorContext) -> dict:
+def toolkit_stage(ctx: FlavorContext) -> dict[str, Any]:
     return build_toolkit(ctx.flavor.packages, ctx.paths.state("toolkit"))

@@ -14,9 +14,10 @@ import fcntl
 import hashlib
 import json
 import logging
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cloud import ARTIFACT_KIND, CLOUDS, uploader_class
 from cloud.base import ImageSpec, dry_run_from_env
@@ -36,7 +37,8 @@ def results_path(paths: FlavorPaths) -> Path:
 
 def read_results(paths: FlavorPaths) -> dict[str, Any]:
     try:
-        return json.loads(results_path(paths).read_text())
+        data: dict[str, Any] = json.loads(results_path(paths).read_text())
+        return data
     except (FileNotFoundError, ValueError):
         return {}
 
@@ -91,7 +93,7 @@ def publish_stage(ctx: FlavorContext, cloud: str, dry_run: bool | None = None) -
     if result.get("dry_run"):
         return result
     result.update(artifact_sha256=spec.disk_sha256, target=target_digest(flavor, cloud),
-                  published=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                  published=datetime.now(UTC).isoformat(timespec="seconds"))
     with _locked_results(paths) as data:
         data[cloud] = result
     with manifest.update(paths.manifest) as data:
@@ -111,7 +113,7 @@ def is_published(ctx: FlavorContext, cloud: str) -> bool:
         and done.get("target") == target_digest(flavor, cloud)
 
 
-def gc(ctxs: list[FlavorContext], apply: bool = False) -> list:
+def gc(ctxs: list[FlavorContext], apply: bool = False) -> list[Any]:
     """Delete images beyond each flavor's retention rule (dry run unless apply)."""
     items = []
     for ctx in ctxs:

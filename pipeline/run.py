@@ -8,8 +8,9 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Callable, Mapping, Sequence, TypeVar
+from typing import IO, TypeVar
 
 from .errors import PipelineError, ToolMissing
 

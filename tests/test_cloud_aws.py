@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import pytest
@@ -28,7 +28,15 @@ from pipeline import publish
 from pipeline.config import FlavorContext
 from tests.servers.aws import ImageDeprecations, snapshot_bytes
 from tests.servers.disks import nonzero_ranges
-from tests.servers.fixtures import aws, cloud_build_dir, flavor_paths, kill_publish_midway, make_flavor, moto_server, server_logs  # noqa: F401
+from tests.servers.fixtures import (  # noqa: F401
+    aws,
+    cloud_build_dir,
+    flavor_paths,
+    kill_publish_midway,
+    make_flavor,
+    moto_server,
+    server_logs,
+)
 from tests.servers.proxy import EC2_THROTTLE, JSON_THROTTLE, SERVER_ERROR, Reply
 
 BLOCK = 512 * 1024
@@ -281,21 +289,21 @@ def test_every_ami_gets_a_deprecation_time_once(aws, cloud_build_dir, monkeypatc
     monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
     plan = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")["plan"]
     (step,) = [s for s in plan if s.startswith("deprecate the AMIs at ")]
-    planned = datetime.strptime(step.split(" at ")[1].split(" ")[0], "%Y-%m-%dT%H:%MZ").replace(tzinfo=timezone.utc)
-    assert abs(planned - (datetime.now(timezone.utc) + timedelta(days=30))) < timedelta(minutes=2)
+    planned = datetime.strptime(step.split(" at ")[1].split(" ")[0], "%Y-%m-%dT%H:%MZ").replace(tzinfo=UTC)
+    assert abs(planned - (datetime.now(UTC) + timedelta(days=30))) < timedelta(minutes=2)
     assert aws.actions("EnableImageDeprecation") == []
     monkeypatch.delenv("COS_PUBLISH_DRY_RUN")
 
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     sent = aws.actions("EnableImageDeprecation")
     # one call per AMI, in the AMI's own region, after the copy exists
     assert {_region_of(r): r.form["ImageId"] for r in sent} == result["images"] and len(sent) == 2
     for req in sent:
         text = req.form["DeprecateAt"]
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:00Z", text), text  # UTC, whole minutes
-        at = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        at = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         assert before + timedelta(days=30, minutes=-1) < at <= after + timedelta(days=30)
     first_copy = next(i for i, r in enumerate(aws.proxy.requests) if r.action == "CopyImage")
     assert aws.proxy.requests.index(sent[0]) > first_copy
@@ -315,8 +323,8 @@ def test_deprecation_limits_are_checked_when_the_flavor_loads():
         aws_flavor(public=True, deprecate_after_days=800)
     with pytest.raises(ValidationError, match="deprecate_after_days"):
         aws_flavor(deprecate_after_days=0)
-    assert deprecate_at(1, datetime(2026, 11, 26, 23, 59, 59, 999, tzinfo=timezone.utc)) == \
-        datetime(2026, 11, 27, 23, 59, tzinfo=timezone.utc)
+    assert deprecate_at(1, datetime(2026, 11, 26, 23, 59, 59, 999, tzinfo=UTC)) == \
+        datetime(2026, 11, 27, 23, 59, tzinfo=UTC)
 
 
 def _snapshot_ids(moto, flavor: str) -> set[str]:

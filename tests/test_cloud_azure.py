@@ -33,8 +33,16 @@ from pipeline import publish
 from pipeline.config import FlavorContext, FlavorPaths
 from pipeline.files import hash_file
 from tests.servers.disks import nonzero_ranges
-from tests.servers.fixtures import (arm_server, azure, azurite_server, cloud_build_dir, flavor_paths,  # noqa: F401
-                                    kill_publish_midway, make_flavor, server_logs)
+from tests.servers.fixtures import (  # noqa: F401
+    arm_server,
+    azure,
+    azurite_server,
+    cloud_build_dir,
+    flavor_paths,
+    kill_publish_midway,
+    make_flavor,
+    server_logs,
+)
 from tests.servers.proxy import UNAVAILABLE, Reply
 
 CHUNK = 4 * 1024 * 1024

@@ -5,7 +5,7 @@ named when the flavor is loaded."""
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,7 @@ def test_image_names_are_valid_everywhere_and_keep_the_digest(version):
 
 
 def test_retention_keeps_newest_and_respects_max_age():
-    now = datetime(2026, 11, 25, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 25, tzinfo=UTC)
     images = [((now - timedelta(days=d)).strftime("%Y%m%dt%H%M%Sz"), f"img{d}") for d in (1, 40, 3, 90, 10)]
     assert select_for_gc(images, keep=2, max_age_days=None, now=now) == ["img10", "img40", "img90"]
     assert select_for_gc(images, keep=2, max_age_days=30, now=now) == ["img40", "img90"]
@@ -75,6 +75,7 @@ def test_bad_targets_are_refused(clouds, message):
 
 def test_missing_or_changed_artifact_is_a_clear_error(tmp_path, monkeypatch):
     import json
+
     from pipeline import publish
     from pipeline.config import FlavorContext
     from pipeline.errors import PipelineError

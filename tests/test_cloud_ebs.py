@@ -16,8 +16,8 @@ from cloud.errors import PublishError
 from pipeline import publish
 from pipeline.config import FlavorContext, FlavorPaths
 from pipeline.files import hash_file
-from tests.servers.disks import nonzero_ranges
 from tests.servers.aws import snapshot_bytes
+from tests.servers.disks import nonzero_ranges
 from tests.servers.ebs import EbsServer
 from tests.servers.fixtures import aws, cloud_build_dir, flavor_paths, make_flavor, moto_server, server_logs  # noqa: F401
 

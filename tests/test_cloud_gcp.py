@@ -11,14 +11,21 @@ touched; with 0 exactly those are listed, then deleted, never an image's source,
 flavor's leftover or an object without our metadata."""
 from __future__ import annotations
 
-
 import pytest
 
 from cloud.errors import PublishError
 from cloud.gcp import GcpUploader
 from pipeline import publish
 from pipeline.config import FlavorContext
-from tests.servers.fixtures import cloud_build_dir, flavor_paths, gcp, gcp_servers, kill_publish_midway, make_flavor, server_logs  # noqa: F401
+from tests.servers.fixtures import (  # noqa: F401
+    cloud_build_dir,
+    flavor_paths,
+    gcp,
+    gcp_servers,
+    kill_publish_midway,
+    make_flavor,
+    server_logs,
+)
 from tests.servers.gce import GenerationMatch
 from tests.servers.proxy import UNAVAILABLE, Reply
 

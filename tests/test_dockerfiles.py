@@ -6,9 +6,9 @@ reason; on a connected machine the same test builds them for real."""
 from __future__ import annotations
 
 import re
+import subprocess
 import tempfile
 from pathlib import Path
-import subprocess
 
 import pytest
 from dockerfile_parse import DockerfileParser

@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import SquashfsOptions
-from pipeline.squashfs import (UnsafeArchive, filter_rootfs, resolve_boot_file,
-                               source_date_epoch, tar2sqfs_command, write_squashfs)
+from pipeline.squashfs import (
+    UnsafeArchive,
+    filter_rootfs,
+    resolve_boot_file,
+    source_date_epoch,
+    tar2sqfs_command,
+    write_squashfs,
+)
 
 SDE = 1_700_000_000
 OPTS = SquashfsOptions(compression="zstd", level=3, block_size="128K")

@@ -18,7 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -94,7 +94,7 @@ def allowed(argv: list[str]) -> bool:
 
 def run_commands():
     for path in WORKFLOWS:
-        for job_id, job, step in steps(load(path)):
+        for _job_id, job, step in steps(load(path)):
             if "run" in step:
                 for values in matrix_values(job):
                     for argv in commands(expand(step["run"], values)):
@@ -141,7 +141,7 @@ def test_checker_accepts_repo_commands(script):
     assert all(allowed(argv) for argv in commands(script))
 
 
-@lru_cache(maxsize=None)
+@cache
 def doit_tasks() -> set[str]:
     out = run_doit("list", "--all")
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import httpx
 
@@ -27,6 +28,9 @@ TOKEN_HINT = ("set GITHUB_TOKEN to a token with contents: write on the repositor
               "(in Actions: `permissions: contents: write` and env GITHUB_TOKEN: ${{ secrets.GITHUB_TOKEN }})")
 
 
+Json = dict[str, Any]  # a decoded JSON object of the API
+
+
 class GitHubError(PipelineError):
     """A Releases API call failed (after retries, when retrying made sense)."""
 
@@ -38,7 +42,7 @@ class Settings:
     token: str
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         env = {k: os.environ.get(k, "").strip() for k in ("GITHUB_API_URL", "GITHUB_REPOSITORY", "GITHUB_TOKEN")}
         if not env["GITHUB_TOKEN"]:
             raise GitHubError("GITHUB_TOKEN is missing: cannot publish a GitHub Release", TOKEN_HINT)
@@ -80,29 +84,30 @@ class ReleasesClient:
             # uploads of ~2 GiB parts: long write, but a stalled connection must not hang CI
             timeout=httpx.Timeout(timeout, write=600.0, read=600.0))
 
-    def __enter__(self) -> "ReleasesClient":
+    def __enter__(self) -> ReleasesClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._http.close()
 
     # ---- transport: retries and clear errors ----
 
     def _send(self, method: str, url: str, *, ok: tuple[int, ...] = (200, 201, 204),
               before_retry: Callable[[], None] | None = None,
-              body: Callable[[], Iterator[bytes]] | None = None, **kw) -> httpx.Response:
+              body: Callable[[], Iterator[bytes]] | None = None, **kw: Any) -> httpx.Response:
         """One API call: retry 5xx / 429 / network errors; map 401/403/404 to clear errors.
         Status codes in `ok` (and 404 / 422, which callers interpret) are returned."""
         what = f"{method} {url.split('?')[0]}"
         for attempt in range(1, self.attempts + 1):
+            resp: httpx.Response | None = None
             try:
-                resp = self._http.request(method, url, content=body() if body else None, **kw)
+                answer = self._http.request(method, url, content=body() if body else None, **kw)
             except httpx.TransportError as exc:
-                problem, resp = f"{type(exc).__name__}: {exc}", None
+                problem = f"{type(exc).__name__}: {exc}"
             else:
-                if not (resp.status_code >= 500 or resp.status_code == 429 or _rate_limited(resp)):
-                    return self._check(resp, what, ok)
-                problem = f"HTTP {resp.status_code} {_message(resp)}"
+                if not (answer.status_code >= 500 or answer.status_code == 429 or _rate_limited(answer)):
+                    return self._check(answer, what, ok)
+                problem, resp = f"HTTP {answer.status_code} {_message(answer)}", answer
             if attempt == self.attempts:
                 raise GitHubError(f"GitHub API {what} failed after {attempt} attempts: {problem}",
                                   "GitHub may be degraded; re-run the release later (it resumes where it stopped)")
@@ -126,7 +131,13 @@ class ReleasesClient:
                               f"of {self.settings.repository}", TOKEN_HINT)
         raise GitHubError(f"GitHub API {what}: HTTP {code} {_message(resp)}")
 
-    def _json(self, resp: httpx.Response, what: str) -> dict | list:
+    def _object(self, resp: httpx.Response, what: str) -> Json:
+        data = self._json(resp, what)
+        if not isinstance(data, dict):
+            raise GitHubError(f"GitHub API {what}: expected a JSON object, got {type(data).__name__}")
+        return data
+
+    def _json(self, resp: httpx.Response, what: str) -> Any:
         if resp.status_code == 404:
             raise GitHubError(f"GitHub API {what}: 404 not found",
                               f"check GITHUB_REPOSITORY={self.settings.repository} and that the token can see it")
@@ -136,15 +147,15 @@ class ReleasesClient:
 
     # ---- releases ----
 
-    def release_by_tag(self, tag: str) -> dict | None:
+    def release_by_tag(self, tag: str) -> Json | None:
         resp = self._send("GET", f"{self.repo_url}/releases/tags/{tag}")
         return None if resp.status_code == 404 else self._json(resp, f"get release {tag}")
 
-    def get_release(self, release_id: int) -> dict:
-        return self._json(self._send("GET", f"{self.repo_url}/releases/{release_id}"), "get release")
+    def get_release(self, release_id: int) -> Json:
+        return self._object(self._send("GET", f"{self.repo_url}/releases/{release_id}"), "get release")
 
     def ensure_release(self, tag: str, *, name: str, body: str, prerelease: bool,
-                       target: str | None) -> tuple[dict, bool]:
+                       target: str | None) -> tuple[Json, bool]:
         """The release of `tag`, created when missing. Returns (release, created)."""
         if rel := self.release_by_tag(tag):
             return rel, False
@@ -162,39 +173,42 @@ class ReleasesClient:
         log.info("created release %s", tag)
         return resp.json(), True
 
-    def update_release(self, release_id: int, **fields) -> dict:
-        return self._json(self._send("PATCH", f"{self.repo_url}/releases/{release_id}", json=fields),
+    def update_release(self, release_id: int, **fields: Any) -> Json:
+        return self._object(self._send("PATCH", f"{self.repo_url}/releases/{release_id}", json=fields),
                           "update release")
 
     # ---- assets ----
 
-    def assets(self, release: dict) -> list[dict]:
+    def assets(self, release: Json) -> list[Json]:
         url: str | None = f"{self.repo_url}/releases/{release['id']}/assets?per_page=100"
-        out: list[dict] = []
+        out: list[Json] = []
         while url:
             resp = self._send("GET", url)
-            out += self._json(resp, "list release assets")
+            page = self._json(resp, "list release assets")
+            if not isinstance(page, list):
+                raise GitHubError(f"GitHub API list release assets: expected a JSON list, got {type(page).__name__}")
+            out += page
             url = resp.links.get("next", {}).get("url")
         return out
 
-    def delete_asset(self, asset: dict) -> None:
+    def delete_asset(self, asset: Json) -> None:
         resp = self._send("DELETE", f"{self.repo_url}/releases/assets/{asset['id']}")
         if resp.status_code not in (204, 404):
             self._json(resp, f"delete asset {asset['name']}")
 
-    def rename_asset(self, asset: dict, name: str) -> dict:
-        return self._json(self._send("PATCH", f"{self.repo_url}/releases/assets/{asset['id']}",
+    def rename_asset(self, asset: Json, name: str) -> Json:
+        return self._object(self._send("PATCH", f"{self.repo_url}/releases/assets/{asset['id']}",
                                      json={"name": name}), f"rename asset {asset['name']}")
 
-    def download(self, asset: dict) -> bytes:
+    def download(self, asset: Json) -> bytes:
         resp = self._send("GET", asset["url"], headers={"Accept": "application/octet-stream"},
                           follow_redirects=True)
         if resp.status_code >= 400:
             self._json(resp, f"download asset {asset['name']}")
         return resp.content
 
-    def upload(self, release: dict, name: str, path: Path, offset: int, length: int,
-               *, sha256: str | None = None) -> dict:
+    def upload(self, release: Json, name: str, path: Path, offset: int, length: int,
+               *, sha256: str | None = None) -> Json:
         """Upload bytes [offset, offset+length) of `path` as asset `name`."""
         url = release["upload_url"].split("{", 1)[0]
 
@@ -216,7 +230,7 @@ class ReleasesClient:
                     and same[0].get("digest") in (None, f"sha256:{sha256}"):
                 return same[0]
             raise GitHubError(f"upload of {name} refused: 422 {_message(resp)}")
-        asset = self._json(resp, f"upload {name}")
+        asset = self._object(resp, f"upload {name}")
         secs = max(time.monotonic() - started, 1e-6)
         log.info("uploaded %s: %d bytes in %.1fs (%.1f MB/s)", name, length, secs, length / secs / 1e6)
         return asset

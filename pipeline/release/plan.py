@@ -11,9 +11,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any
 
 from .. import manifest
 from ..artifacts import KINDS, artifact_name
@@ -59,7 +60,7 @@ class Plan:
     arch: str
     version: str
     assets: list[Asset]
-    joined: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # name -> (sha256, parts)
+    joined: dict[str, tuple[str, list[str]]] = field(default_factory=dict[str, Any])  # name -> (sha256, parts)
     notes: str = ""
 
     @property
@@ -87,7 +88,7 @@ def part_size(limit: int) -> int:
     return (limit - 1) // MIB * MIB if limit > 2 * MIB else limit - 1
 
 
-def load_manifest(paths: FlavorPaths, version: str) -> dict:
+def load_manifest(paths: FlavorPaths, version: str) -> dict[str, Any]:
     if not paths.manifest.is_file():
         raise ReleaseError(f"{paths.manifest} not found: nothing to release",
                            f"build first: doit build-{paths.flavor.name}")
@@ -107,7 +108,7 @@ def load_manifest(paths: FlavorPaths, version: str) -> dict:
     return data
 
 
-def checked_artifacts(paths: FlavorPaths, data: dict) -> dict[str, tuple[Path, str]]:
+def checked_artifacts(paths: FlavorPaths, data: dict[str, Any]) -> dict[str, tuple[Path, str]]:
     """kind -> (file, sha256) for every releasable kind; all problems in one error."""
     by_kind = {a["kind"]: a for a in data.get("artifacts", [])}
     missing = [k for k in KINDS if k not in by_kind]
@@ -160,7 +161,7 @@ def zstd_compressed(src: Path, src_sha: str, out: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _hashed_copy(src: IO[bytes], sink: IO[bytes], digest: "hashlib._Hash") -> int:
+def _hashed_copy(src: IO[bytes], sink: IO[bytes], digest: hashlib._Hash) -> int:
     """Copy src to sink through `digest`; returns the byte count."""
     size = 0
     while chunk := src.read(CHUNK):
@@ -174,7 +175,8 @@ def part_digests(path: Path, sha: str, size: int, part: int, cache_dir: Path) ->
     """sha256 of each `part`-sized slice of `path`; cached by the whole file's sha256."""
     cache = cache_dir / f".parts-{sha[:16]}-{part}.json"
     try:
-        return json.loads(cache.read_text())
+        cached: list[str] = json.loads(cache.read_text())
+        return cached
     except (FileNotFoundError, ValueError):
         pass
     digests = []
@@ -210,7 +212,7 @@ def small_asset(name: str, path: Path, derived: bool = False) -> Asset:
     return Asset(name, path, hash_file(path), path.stat().st_size, derived=derived)
 
 
-def image_reference(data: dict) -> str:
+def image_reference(data: dict[str, Any]) -> str:
     image = data.get("image") or {}
     return image.get("pushed") or image.get("reference") or ""
 
@@ -276,13 +278,14 @@ def sha256sums(plan: Plan) -> str:
     return "".join(f"{sha}  {name}\n" for name, sha in sorted(rows.items()))
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
     except FileNotFoundError:
         return {}
     except ValueError as exc:
-        raise ReleaseError(f"{path}: not valid JSON ({exc})", "re-run the publish task that writes it")
+        raise ReleaseError(f"{path}: not valid JSON ({exc})", "re-run the publish task that writes it") from None
 
 
 def _leaves(data: object, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -297,7 +300,7 @@ def _leaves(data: object, prefix: str = "") -> Iterator[tuple[str, str]]:
         yield prefix, str(data)
 
 
-def release_notes(plan: Plan, data: dict, cloud: dict) -> str:
+def release_notes(plan: Plan, data: dict[str, Any], cloud: dict[str, Any]) -> str:
     image = data.get("image") or {}
     lines = [f"### {plan.flavor} ({plan.arch}) {plan.version}", "",
              f"- flavor: `{plan.flavor}`, version `{plan.version}`, arch `{plan.arch}`",

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import FlavorContext
 from ..files import write_json_atomic
@@ -29,7 +30,7 @@ def merge_section(body: str, key: str, section: str) -> str:
     return (body or "").rstrip() + "\n\n" + block + "\n"
 
 
-def remote_digests(gh: ReleasesClient, plan: Plan, remote: dict[str, dict]) -> dict[str, str]:
+def remote_digests(gh: ReleasesClient, plan: Plan, remote: dict[str, dict[str, Any]]) -> dict[str, str]:
     """sha256 of each remote asset: its `digest` field, else our SHA256SUMS on the release."""
     out = {n: a["digest"].split(":", 1)[1] for n, a in remote.items()
            if str(a.get("digest") or "").startswith("sha256:")}
@@ -46,12 +47,12 @@ def remote_digests(gh: ReleasesClient, plan: Plan, remote: dict[str, dict]) -> d
 @dataclass
 class Diff:
     upload: list[Asset] = field(default_factory=list)
-    replace: list[tuple[Asset, dict]] = field(default_factory=list)
+    replace: list[tuple[Asset, dict[str, Any]]] = field(default_factory=list)
     same: list[Asset] = field(default_factory=list)
-    broken: list[dict] = field(default_factory=list)   # half-made by an interrupted run
+    broken: list[dict[str, Any]] = field(default_factory=list)   # half-made by an interrupted run
 
 
-def compare(plan: Plan, remote: dict[str, dict], digests: dict[str, str]) -> Diff:
+def compare(plan: Plan, remote: dict[str, dict[str, Any]], digests: dict[str, str]) -> Diff:
     diff = Diff()
     ours = {a.name for a in plan.assets}
     for name, asset in remote.items():
@@ -70,7 +71,7 @@ def compare(plan: Plan, remote: dict[str, dict], digests: dict[str, str]) -> Dif
     return diff
 
 
-def publish(plan: Plan, gh: ReleasesClient, *, replace: bool = False, target: str | None = None) -> dict:
+def publish(plan: Plan, gh: ReleasesClient, *, replace: bool = False, target: str | None = None) -> dict[str, Any]:
     """Make the release match `plan`; `target` is the commit a missing tag is created at."""
     header = f"cOS {plan.version}\n\nFiles per flavor and arch below; each has its README and SHA256SUMS."
     rel, created = gh.ensure_release(plan.tag, name=f"cOS {plan.version}",
@@ -92,9 +93,9 @@ def publish(plan: Plan, gh: ReleasesClient, *, replace: bool = False, target: st
                            f"to overwrite: doit release-{plan.flavor} --replace (or {REPLACE_ENV}=1); "
                            "or release a new version")
 
-    for asset in diff.broken:
-        log.info("deleting incomplete asset %s left by an interrupted upload", asset["name"])
-        gh.delete_asset(asset)
+    for half in diff.broken:
+        log.info("deleting incomplete asset %s left by an interrupted upload", half["name"])
+        gh.delete_asset(half)
     order = sorted(diff.upload + [a for a, _ in diff.replace], key=lambda a: a.derived)  # sums last
     old = {a.name: r for a, r in diff.replace}
     for asset in order:
@@ -111,7 +112,7 @@ def publish(plan: Plan, gh: ReleasesClient, *, replace: bool = False, target: st
     return result
 
 
-def _replace(gh: ReleasesClient, rel: dict, asset: Asset, old: dict) -> None:
+def _replace(gh: ReleasesClient, rel: dict[str, Any], asset: Asset, old: dict[str, Any]) -> None:
     """Upload under a temporary name, then swap: the old file stays until the new one is whole."""
     tmp = gh.upload(rel, f"{asset.name}.replacing", asset.path, asset.offset, asset.size, sha256=asset.sha256)
     gh.delete_asset(old)
@@ -119,7 +120,7 @@ def _replace(gh: ReleasesClient, rel: dict, asset: Asset, old: dict) -> None:
     log.info("replaced %s", asset.name)
 
 
-def _update_notes(gh: ReleasesClient, rel: dict, plan: Plan, attempts: int = 3) -> None:
+def _update_notes(gh: ReleasesClient, rel: dict[str, Any], plan: Plan, attempts: int = 3) -> None:
     """Put our section in the notes; re-read to catch a concurrent edit by another matrix job."""
     for attempt in range(attempts + 1):
         current = gh.get_release(rel["id"]).get("body") or ""
@@ -133,7 +134,7 @@ def _update_notes(gh: ReleasesClient, rel: dict, plan: Plan, attempts: int = 3) 
 
 
 
-def release_stage(ctx: FlavorContext, *, replace: bool = False, limit: int | None = None) -> dict:
+def release_stage(ctx: FlavorContext, *, replace: bool = False, limit: int | None = None) -> dict[str, Any]:
     """`doit release-<flavor>`: prepare locally, then make the release match."""
     paths, version = ctx.paths, ctx.version
     replace = replace or _env_flag(REPLACE_ENV)

@@ -16,7 +16,7 @@ import re
 import ssl
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -51,7 +51,7 @@ class ArmServer(JsonApiServer):
                                                       "identifier": {"publisher": "cos", "offer": "cos", "sku": name},
                                                       "provisioningState": "Succeeded"}}
 
-    def use_blob_storage(self, connection_string: str, public_url: str, keep_data: bool = True) -> "DiskStore":
+    def use_blob_storage(self, connection_string: str, public_url: str, keep_data: bool = True) -> DiskStore:
         """Keep managed disks' upload blobs in this (Azurite) account; SAS URLs handed out
         point at public_url (e.g. a fault proxy in front of it). keep_data=False records
         only the page ranges at revoke (benchmarks: no read-back of GBs)."""
@@ -116,7 +116,7 @@ class ArmServer(JsonApiServer):
                     return refused
                 props["provisioningState"] = "Creating"
                 if kind == "Microsoft.Compute/disks":  # read-only, set by ARM (cloud-gc ages orphan disks by it)
-                    props["timeCreated"] = datetime.now(timezone.utc).isoformat()
+                    props["timeCreated"] = datetime.now(UTC).isoformat()
                 res = {"id": path, "name": path.rsplit("/", 1)[1], "type": kind,
                        "location": (body or {}).get("location"), "tags": (body or {}).get("tags") or {},
                        "properties": props}
@@ -255,7 +255,7 @@ class DiskStore:
         token = generate_blob_sas(self.service.account_name, container.container_name, "disk",
                                   account_key=self.service.credential.account_key,
                                   permission=BlobSasPermissions(read=True, write=True),
-                                  expiry=datetime.now(timezone.utc) + timedelta(seconds=seconds))
+                                  expiry=datetime.now(UTC) + timedelta(seconds=seconds))
         return f"{self.public_url}/{container.container_name}/disk?{token}"
 
     def close(self, disk: str) -> None:

@@ -7,8 +7,8 @@ direct API, so the imported snapshot's blocks read back equal the disk.
 """
 from __future__ import annotations
 
-import hashlib
 import base64
+import hashlib
 import itertools
 import os
 import threading

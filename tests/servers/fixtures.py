@@ -19,10 +19,10 @@ from pipeline.config import Flavor, FlavorPaths, load_flavor
 from .arm import IDENTITY_HEADER, ArmServer
 from .aws import ImportSnapshotTasks, MotoServer
 from .azurite import Azurite
-from .gce import FakeGcs, GceServer
-from .util import free_port
 from .disks import make_build
+from .gce import FakeGcs, GceServer
 from .proxy import FaultProxy
+from .util import free_port
 
 CLEAR_ENV = ["AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_EC2",
              "AWS_ENDPOINT_URL_EBS", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_STS", "COS_PUBLISH_DRY_RUN",

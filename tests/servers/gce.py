@@ -16,7 +16,7 @@ import re
 import urllib.error
 import urllib.request
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -33,7 +33,7 @@ class GceServer(JsonApiServer):
         self.operations: dict[str, dict] = {}
         self.by_request_id: dict[str, str] = {}
         self._ids = itertools.count(1000)
-        self.clock = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.clock = datetime(2026, 1, 1, tzinfo=UTC)
         self.public_key = None
         super().__init__()
 

@@ -91,7 +91,7 @@ class GitHubAPIServer:
     def uploads_url(self) -> str:
         return f"http://127.0.0.1:{self.uploads.server_port}"
 
-    def start(self) -> "GitHubAPIServer":
+    def start(self) -> GitHubAPIServer:
         for srv in (self.api, self.uploads):
             t = threading.Thread(target=srv.serve_forever, daemon=True)
             t.start()
