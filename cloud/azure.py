@@ -25,6 +25,8 @@ from urllib.parse import unquote, urlsplit
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient, ExponentialRetry
 
+from core import env
+
 from .base import (
     TAG_CREATED,
     TAG_FLAVOR,
@@ -136,7 +138,7 @@ class AzureUploader(Uploader):
 
     @property
     def subscription(self) -> str:
-        sub = self.target.subscription_id or os.environ.get("AZURE_SUBSCRIPTION_ID")
+        sub = self.target.subscription_id or env.get("AZURE_SUBSCRIPTION_ID")
         if not sub:
             raise PublishError("azure: no subscription id",
                                "set clouds.azure.subscription_id or $AZURE_SUBSCRIPTION_ID")
@@ -146,12 +148,12 @@ class AzureUploader(Uploader):
     def compute(self):
         if self._compute is None:
             from azure.mgmt.compute import ComputeManagementClient
-            kw = {"base_url": os.environ[ARM_ENDPOINT_ENV]} if os.environ.get(ARM_ENDPOINT_ENV) else {}
+            kw = {"base_url": arm} if (arm := env.get(ARM_ENDPOINT_ENV)) else {}
             self._compute = ComputeManagementClient(self.credential, self.subscription, **kw)
         return self._compute
 
     def blob_service(self) -> BlobServiceClient:
-        conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        conn = env.get("AZURE_STORAGE_CONNECTION_STRING")
         if conn:
             account = dict(p.split("=", 1) for p in conn.split(";") if "=" in p).get("AccountName")
             if account != self.target.storage_account:

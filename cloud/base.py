@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import time
 from abc import ABC, abstractmethod
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from core import env
 
 from .errors import PublishError
 from .progress import Progress
@@ -34,7 +35,7 @@ TAG_IMAGE = "cos-image"      # the image name, also on snapshots/blobs/objects m
 
 
 def dry_run_from_env() -> bool:
-    return os.environ.get(DRY_RUN_ENV, "").lower() in ("1", "true", "yes")
+    return env.flag(DRY_RUN_ENV)
 
 
 @dataclass(frozen=True)

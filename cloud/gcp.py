@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +19,8 @@ from urllib.parse import unquote, urlsplit
 
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry, if_exception_type
+
+from core import env
 
 from .base import (
     TAG_CREATED,
@@ -104,8 +105,8 @@ class GcpUploader(Uploader):
     # -- clients -------------------------------------------------------------------
     def _client_kw(self) -> dict:
         kw: dict[str, Any] = {"transport": "rest"}
-        if os.environ.get(COMPUTE_ENDPOINT_ENV):
-            kw["client_options"] = {"api_endpoint": os.environ[COMPUTE_ENDPOINT_ENV]}
+        if endpoint := env.get(COMPUTE_ENDPOINT_ENV):
+            kw["client_options"] = {"api_endpoint": endpoint}
         if self.credentials is not None:
             kw["credentials"] = self.credentials
         return kw

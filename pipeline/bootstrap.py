@@ -6,9 +6,10 @@ $COS_DEBIAN_MIRROR, or the host's own apt sources, in that order.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from core import env
 
 from . import docker_engine
 from .config import Bootstrap
@@ -64,7 +65,7 @@ def _deb822(stanza: str) -> dict[str, str]:
 def mirror_lines(cfg: Bootstrap, apt_dir: Path = APT_DIR) -> list[str]:
     """apt source lines for mmdebstrap: the suite, and -updates / -security when the host has them."""
     comps = " ".join(cfg.components)
-    explicit = cfg.mirror or os.environ.get("COS_DEBIAN_MIRROR")
+    explicit = cfg.mirror or env.get("COS_DEBIAN_MIRROR")
     if explicit:
         return [f"deb {explicit} {cfg.suite} {comps}"]
     sources = host_sources(apt_dir)

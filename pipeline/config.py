@@ -7,7 +7,6 @@ ConfigError naming the file, each bad field and what is allowed.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloud.targets import CloudTargets
+from core import env
 
 from .errors import ConfigError
 
@@ -118,7 +118,8 @@ class Flavor(StrictModel):
 
     @property
     def registry(self) -> str | None:
-        return os.environ.get("COS_REGISTRY") or self.image.registry
+        registry: str | None = env.get("COS_REGISTRY")
+        return registry or self.image.registry
 
 
 @dataclass(frozen=True)
@@ -177,11 +178,11 @@ class FlavorContext:
 
 
 def flavors_dir() -> Path:
-    return Path(os.environ.get("COS_FLAVORS_DIR", FLAVORS_DIR)).resolve()
+    return Path(env.get("COS_FLAVORS_DIR") or FLAVORS_DIR).resolve()
 
 
 def build_root(root: Path = REPO_ROOT) -> Path:
-    return Path(os.environ.get("COS_BUILD_DIR", root / "build")).resolve()
+    return Path(env.get("COS_BUILD_DIR") or root / "build").resolve()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import env as environ
+
 from . import artifacts, efi
 from .config import DiskLayout, FlavorContext
 from .errors import PipelineError
@@ -109,7 +111,7 @@ def make_ext4(out: Path, part: Part, tree: Path, inputs: artifacts.BootInputs) -
     """ext4 from a directory, reproducible: fixed UUID, hash seed and times."""
     assert part.label is not None, f"partition {part.name} holds no filesystem"
     _fix_dir_times(tree, inputs.sde)
-    env = {**os.environ, "E2FSPROGS_FAKE_TIME": str(inputs.sde), "SOURCE_DATE_EPOCH": str(inputs.sde)}
+    env = environ.child(E2FSPROGS_FAKE_TIME=str(inputs.sde), SOURCE_DATE_EPOCH=str(inputs.sde))
     with atomic_path(out) as tmp:
         tmp.unlink()
         run(["mkfs.ext4", "-q", "-F", "-L", part.label, "-U", str(inputs.uuid(f"fs-{part.name}")),

@@ -12,6 +12,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from core import env
+
 from .errors import PipelineError
 from .run import require_tool
 
@@ -39,8 +41,8 @@ def client():
             return c
     except docker.errors.DockerException:
         pass
-    if os.environ.get("DOCKER_HOST"):
-        raise PipelineError(f"no Docker engine answers at DOCKER_HOST={os.environ['DOCKER_HOST']}",
+    if host := env.raw("DOCKER_HOST"):
+        raise PipelineError(f"no Docker engine answers at DOCKER_HOST={env.shorten(host)}",
                             "start that daemon, or unset DOCKER_HOST to use (or start) the local one")
     _start_dockerd()
     c = docker.from_env(timeout=600)
@@ -109,7 +111,7 @@ def build(context: Path, tag: str, buildargs: dict[str, str], dockerfile: str = 
 
 def no_cache() -> bool:
     """$COS_DOCKER_NO_CACHE=1 builds OS images without docker's layer cache (cold builds)."""
-    return os.environ.get("COS_DOCKER_NO_CACHE") == "1"
+    return env.flag("COS_DOCKER_NO_CACHE")
 
 
 def build_from_tar(fileobj, tag: str, labels: dict[str, str] | None = None) -> str:

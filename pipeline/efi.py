@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import subprocess
 import tempfile
 import uuid
@@ -23,11 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import env as environ
+
 from .errors import PipelineError
 from .files import atomic_path
 from .run import run
 
-GRUB_LIB = Path(os.environ.get("COS_GRUB_LIB", "/usr/lib/grub"))
+GRUB_LIB = Path(environ.get("COS_GRUB_LIB") or "/usr/lib/grub")
 EFI_TARGET = "x86_64-efi"
 BIOS_TARGET = "i386-pc"
 ELTORITO_TARGET = "i386-pc-eltorito"
@@ -136,7 +137,7 @@ def make_fat(out: Path, spec: FatSpec, files: Mapping[str, Path], sde: int) -> P
     size = spec.size_bytes or fat_size(files)
     if size % 1024:
         raise PipelineError(f"FAT image {out.name}: size {size} is not a whole KiB")
-    env = {**os.environ, "SOURCE_DATE_EPOCH": str(sde), "TZ": "UTC"}
+    env = environ.child(SOURCE_DATE_EPOCH=str(sde), TZ="UTC")
     with atomic_path(out) as tmp:
         tmp.unlink()
         run(["mkfs.vfat", "-C", "--invariant", "-i", spec.volume_id, "-n", spec.label,

@@ -9,14 +9,16 @@ changes an output is a `config_changed` key of the task that makes it.
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from doit.dependency import FileChangedChecker
-from doit.exceptions import TaskFailed
+from doit.exceptions import TaskError, TaskFailed
 from doit.tools import config_changed
 
 from cloud import ARTIFACT_KIND
+from core import env
 from core.errors import HintedError
 
 from . import artifacts, disk, efi, formats, image, iso, packages, publish, release, squashfs, version
@@ -29,18 +31,20 @@ __all__ = ["DigestChecker", "FlavorContext", "dodo_tasks", "stage_action"]  # Fl
 
 def _sde() -> str | None:
     """$SOURCE_DATE_EPOCH is part of the key of every stage whose bytes it sets."""
-    return os.environ.get("SOURCE_DATE_EPOCH")
+    return env.raw("SOURCE_DATE_EPOCH")
 
 
 def stage_action(fn: Callable, *args) -> tuple:
     """A doit python-action that turns our errors (pipeline's and cloud's, both
-    HintedError) into one clean failure message.
+    HintedError) into one clean failure message; every message is redacted (core.env).
     The task's command-line params (e.g. --replace) arrive as keyword arguments."""
     def action(**params):
         try:
             fn(*args, **params)
         except HintedError as exc:
-            return TaskFailed(str(exc))
+            return TaskFailed(env.redact(str(exc)))
+        except Exception:  # a bug: doit shows its traceback, without any secret in it
+            return TaskError(env.redact(traceback.format_exc()))
         return None
     action.__name__ = action.__qualname__ = fn.__name__
     return (action, [])

@@ -11,10 +11,11 @@ SOURCE_DATE_EPOCH for every date and the volume UUID, so the bytes are reproduci
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from core import env as environ
 
 from . import artifacts, efi
 from .config import FlavorContext
@@ -73,7 +74,7 @@ def build_iso(out: Path, inputs: artifacts.BootInputs, *, label: str, cmdline: s
         grafts = {"/rootfs.squashfs": inputs.squashfs, "/boot/vmlinuz": inputs.kernel,
                   "/boot/initrd": inputs.initrd, GRUB_CFG: w / "grub.cfg",
                   "/" + ELTORITO_PATH: w / "eltorito.img"}
-        env = {**os.environ, "SOURCE_DATE_EPOCH": str(inputs.sde)}
+        env = environ.child(SOURCE_DATE_EPOCH=str(inputs.sde))
         with atomic_path(out) as tmp:
             tmp.unlink()  # xorriso refuses to overwrite a non-ISO file
             run(xorriso_command(tmp, label, grafts, w / "esp.img", inputs.sde), env=env)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from core import env
 
 
 def setup(level: str | None = None) -> None:
-    level = level or os.environ.get("COS_LOG", "INFO")
+    level = level or env.get("COS_LOG") or "INFO"
     root = logging.getLogger("cos")
     if root.handlers:
         return

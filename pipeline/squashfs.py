@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from core import env
+
 from . import docker_engine, manifest
 from .config import FlavorContext, SquashfsOptions
 from .errors import PipelineError
@@ -143,7 +145,8 @@ def tar2sqfs_command(opts: SquashfsOptions, out: Path, sde: int) -> list[str]:
 def source_date_epoch(image: dict[str, Any]) -> int:
     """$SOURCE_DATE_EPOCH if set, else the image's creation time: the same image
     (digest) always gives the same bytes."""
-    return int(os.environ.get("SOURCE_DATE_EPOCH") or image["source_date_epoch"])
+    sde: int | None = env.get("SOURCE_DATE_EPOCH")
+    return sde if sde is not None else int(image["source_date_epoch"])
 
 
 def write_squashfs(image_id: str, opts: SquashfsOptions, sde: int, hostname: str,

@@ -10,15 +10,16 @@ plain token: COS_VERSION with spaces or slashes is refused.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
 
+from core import env as environ
+
 from .errors import ConfigError
 
 TAG_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)((?:[-+.~][0-9A-Za-z.+~-]+)?)$")
-VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_-]*$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}$")  # at most 64: it is in file names
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -45,13 +46,13 @@ def tag_version(tags: list[str]) -> str | None:
 
 
 def from_env() -> str | None:
-    env = os.environ.get("COS_VERSION", "").strip()
+    env = (environ.get("COS_VERSION") or "").strip()
     if not env:
         return None
     version = env[1:] if TAG_RE.match(env) else env
     if not VERSION_RE.match(version):
         raise ConfigError(f"COS_VERSION={env!r} is not a usable version",
-                          "use letters, digits and . + ~ _ - only, e.g. 1.2.3 or v1.2.3")
+                          "use letters, digits and . + ~ _ - only (at most 64), e.g. 1.2.3 or v1.2.3")
     return version
 
 

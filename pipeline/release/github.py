@@ -1,15 +1,23 @@
-"""A small GitHub Releases client over httpx (the calls the release needs, nothing more).
+"""The GitHub Releases calls the release needs, over githubkit (typed REST endpoints,
+auth, one httpx client).
 
 Settings come from the GitHub Actions conventions: GITHUB_API_URL, GITHUB_REPOSITORY,
-GITHUB_TOKEN. Uploads go to the host in the release's `upload_url`, streamed from a
-byte range of a file (a part of a split asset needs no copy on disk). 5xx, 429 and
-connection errors are retried with exponential back-off (Retry-After honoured); a
-failed upload's half-made asset is deleted before the retry.
+GITHUB_TOKEN (read and checked by core.env). What stays ours, and why:
+- retries: 5xx, 429 and connection errors are retried with exponential back-off
+  (Retry-After honoured), and a failed upload's half-made asset is deleted before the
+  next attempt. githubkit's auto_retry cannot run a step between attempts and would
+  re-send an already consumed upload body, so it is off.
+- uploads go to the host in the release's `upload_url` through `GitHub.request`,
+  streamed from a byte range of a file (a part of a split asset needs no copy on disk):
+  githubkit's typed `upload_release_asset` posts to the API host, which github.com
+  does not accept for uploads. (PyGithub was measured too: it refuses an upload URL
+  on the API's host with another port, as the local test server and a GHES behind
+  a port mapping have it: an AssertionError in Requester.__assertUrlAllowed.)
+- the HTTP cache is off: the notes are re-read to catch another job's edit.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from githubkit import GitHub, Response
+from githubkit.exception import RequestError, RequestFailed
+
+from core import env
 
 from ..errors import PipelineError
 
 log = logging.getLogger("cos.github")
 
-API_VERSION = "2022-11-28"
 CHUNK = 1024 * 1024
 TOKEN_HINT = ("set GITHUB_TOKEN to a token with contents: write on the repository "
               "(in Actions: `permissions: contents: write` and env GITHUB_TOKEN: ${{ secrets.GITHUB_TOKEN }})")
@@ -41,19 +52,27 @@ class Settings:
     repository: str
     token: str
 
+    @property
+    def owner(self) -> str:
+        return self.repository.split("/")[0]
+
+    @property
+    def repo(self) -> str:
+        return self.repository.split("/")[1]
+
     @classmethod
     def from_env(cls) -> Settings:
-        env = {k: os.environ.get(k, "").strip() for k in ("GITHUB_API_URL", "GITHUB_REPOSITORY", "GITHUB_TOKEN")}
-        if not env["GITHUB_TOKEN"]:
+        token, api_url, repository = env.get("GITHUB_TOKEN"), env.get("GITHUB_API_URL"), env.get("GITHUB_REPOSITORY")
+        if not token:
             raise GitHubError("GITHUB_TOKEN is missing: cannot publish a GitHub Release", TOKEN_HINT)
-        if not env["GITHUB_API_URL"]:
+        if not api_url:
             raise GitHubError("GITHUB_API_URL is not set",
                               "GitHub Actions sets it; elsewhere export the REST API root of your GitHub "
                               "(for github.com: https://api. followed by the host)")
-        if env["GITHUB_REPOSITORY"].count("/") != 1 or " " in env["GITHUB_REPOSITORY"]:
-            raise GitHubError(f"GITHUB_REPOSITORY={env['GITHUB_REPOSITORY']!r} is not owner/name",
+        if not repository:
+            raise GitHubError("GITHUB_REPOSITORY is not set",
                               "GitHub Actions sets it; elsewhere export GITHUB_REPOSITORY=owner/name")
-        return cls(env["GITHUB_API_URL"].rstrip("/"), env["GITHUB_REPOSITORY"], env["GITHUB_TOKEN"])
+        return cls(api_url, repository, token)
 
 
 def file_range(path: Path, offset: int, length: int) -> Iterator[bytes]:
@@ -75,36 +94,34 @@ class ReleasesClient:
         self.settings = settings
         self.attempts = attempts
         self.backoff = backoff
-        self.repo_url = f"{settings.api_url}/repos/{settings.repository}"
-        self._http = httpx.Client(
-            headers={"Authorization": f"Bearer {settings.token}",
-                     "Accept": "application/vnd.github+json",
-                     "X-GitHub-Api-Version": API_VERSION,
-                     "User-Agent": "cos-pipeline-release"},
-            # uploads of ~2 GiB parts: long write, but a stalled connection must not hang CI
-            timeout=httpx.Timeout(timeout, write=600.0, read=600.0))
+        self._gh = GitHub(settings.token, base_url=settings.api_url, user_agent="cos-pipeline-release",
+                          # uploads of ~2 GiB parts: long write, but a stalled connection must not hang CI
+                          timeout=httpx.Timeout(timeout, write=600.0, read=600.0),
+                          auto_retry=False, http_cache=False)
+        self._repos = self._gh.rest.repos
+        self._owner_repo = (settings.owner, settings.repo)
 
     def __enter__(self) -> ReleasesClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._http.close()
+        pass  # githubkit opens one httpx client per request
 
     # ---- transport: retries and clear errors ----
 
-    def _send(self, method: str, url: str, *, ok: tuple[int, ...] = (200, 201, 204),
-              before_retry: Callable[[], None] | None = None,
-              body: Callable[[], Iterator[bytes]] | None = None, **kw: Any) -> httpx.Response:
+    def _send(self, what: str, call: Callable[[], Response[Any, Any]], *, ok: tuple[int, ...] = (200, 201, 204),
+              before_retry: Callable[[], None] | None = None) -> httpx.Response:
         """One API call: retry 5xx / 429 / network errors; map 401/403/404 to clear errors.
         Status codes in `ok` (and 404 / 422, which callers interpret) are returned."""
-        what = f"{method} {url.split('?')[0]}"
         for attempt in range(1, self.attempts + 1):
             resp: httpx.Response | None = None
             try:
-                answer = self._http.request(method, url, content=body() if body else None, **kw)
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            else:
+                answer = call().raw_response
+            except RequestFailed as exc:
+                answer = exc.response.raw_response
+            except RequestError as exc:
+                answer, problem = None, f"{type(exc.exc).__name__}: {exc.exc}"
+            if answer is not None:
                 if not (answer.status_code >= 500 or answer.status_code == 429 or _rate_limited(answer)):
                     return self._check(answer, what, ok)
                 problem, resp = f"HTTP {answer.status_code} {_message(answer)}", answer
@@ -118,6 +135,10 @@ class ReleasesClient:
             if before_retry:
                 before_retry()
         raise AssertionError("unreachable")
+
+    def _url(self, method: str, url: str, **kw: Any) -> Callable[[], Response[Any, Any]]:
+        """A call of a URL the API handed out (upload_url, an asset's url, a next page)."""
+        return lambda: self._gh.request(method, url, **kw)
 
     def _check(self, resp: httpx.Response, what: str, ok: tuple[int, ...]) -> httpx.Response:
         code = resp.status_code
@@ -143,26 +164,42 @@ class ReleasesClient:
                               f"check GITHUB_REPOSITORY={self.settings.repository} and that the token can see it")
         if resp.status_code == 422:
             raise GitHubError(f"GitHub API {what}: 422 {_message(resp)}")
-        return resp.json()
+        try:
+            return resp.json()
+        except ValueError:
+            raise GitHubError(f"GitHub API {what}: the answer is not JSON ({resp.text[:100]!r})",
+                              "check that GITHUB_API_URL is the REST API root") from None
+
+    # ---- the repository ----
+
+    def check_repository(self) -> Json:
+        """The repository, before any work: the URL answers, the token is good, the repository exists."""
+        return self._object(self._send("get repository", lambda: self._repos.get(*self._owner_repo)),
+                            f"get repository {self.settings.repository}")
 
     # ---- releases ----
 
     def release_by_tag(self, tag: str) -> Json | None:
-        resp = self._send("GET", f"{self.repo_url}/releases/tags/{tag}")
+        resp = self._send(f"get release {tag}", lambda: self._repos.get_release_by_tag(*self._owner_repo, tag))
         return None if resp.status_code == 404 else self._json(resp, f"get release {tag}")
 
     def get_release(self, release_id: int) -> Json:
-        return self._object(self._send("GET", f"{self.repo_url}/releases/{release_id}"), "get release")
+        return self._object(self._send("get release", lambda: self._repos.get_release(*self._owner_repo, release_id)),
+                            "get release")
 
     def ensure_release(self, tag: str, *, name: str, body: str, prerelease: bool,
                        target: str | None) -> tuple[Json, bool]:
         """The release of `tag`, created when missing. Returns (release, created)."""
         if rel := self.release_by_tag(tag):
             return rel, False
-        data = {"tag_name": tag, "name": name, "body": body, "draft": False, "prerelease": prerelease}
-        if target:
-            data["target_commitish"] = target
-        resp = self._send("POST", f"{self.repo_url}/releases", json=data)
+        def create() -> Response[Any, Any]:
+            owner, repo = self._owner_repo
+            if target:
+                return self._repos.create_release(owner, repo, tag_name=tag, name=name, body=body, draft=False,
+                                                  prerelease=prerelease, target_commitish=target)
+            return self._repos.create_release(owner, repo, tag_name=tag, name=name, body=body, draft=False,
+                                              prerelease=prerelease)
+        resp = self._send(f"create release {tag}", create)
         if resp.status_code == 422 and (rel := self.release_by_tag(tag)):
             return rel, False  # another matrix job created it in the meantime
         if resp.status_code == 404:
@@ -173,36 +210,40 @@ class ReleasesClient:
         log.info("created release %s", tag)
         return resp.json(), True
 
-    def update_release(self, release_id: int, **fields: Any) -> Json:
-        return self._object(self._send("PATCH", f"{self.repo_url}/releases/{release_id}", json=fields),
-                          "update release")
+    def update_release(self, release_id: int, *, body: str) -> Json:
+        return self._object(self._send("update release", lambda: self._repos.update_release(
+            *self._owner_repo, release_id, body=body)), "update release")
 
     # ---- assets ----
 
     def assets(self, release: Json) -> list[Json]:
-        url: str | None = f"{self.repo_url}/releases/{release['id']}/assets?per_page=100"
+        def first() -> Response[Any, Any]:
+            return self._repos.list_release_assets(*self._owner_repo, release["id"], per_page=100)
+        call: Callable[[], Response[Any, Any]] | None = first
         out: list[Json] = []
-        while url:
-            resp = self._send("GET", url)
+        while call:
+            resp = self._send("list release assets", call)
             page = self._json(resp, "list release assets")
             if not isinstance(page, list):
                 raise GitHubError(f"GitHub API list release assets: expected a JSON list, got {type(page).__name__}")
             out += page
             url = resp.links.get("next", {}).get("url")
+            call = self._url("GET", url) if url else None
         return out
 
     def delete_asset(self, asset: Json) -> None:
-        resp = self._send("DELETE", f"{self.repo_url}/releases/assets/{asset['id']}")
+        resp = self._send(f"delete asset {asset['name']}",
+                          lambda: self._repos.delete_release_asset(*self._owner_repo, asset["id"]))
         if resp.status_code not in (204, 404):
             self._json(resp, f"delete asset {asset['name']}")
 
     def rename_asset(self, asset: Json, name: str) -> Json:
-        return self._object(self._send("PATCH", f"{self.repo_url}/releases/assets/{asset['id']}",
-                                     json={"name": name}), f"rename asset {asset['name']}")
+        return self._object(self._send(f"rename asset {asset['name']}", lambda: self._repos.update_release_asset(
+            *self._owner_repo, asset["id"], data={"name": name})), f"rename asset {asset['name']}")
 
     def download(self, asset: Json) -> bytes:
-        resp = self._send("GET", asset["url"], headers={"Accept": "application/octet-stream"},
-                          follow_redirects=True)
+        resp = self._send(f"download asset {asset['name']}",
+                          self._url("GET", asset["url"], headers={"Accept": "application/octet-stream"}))
         if resp.status_code >= 400:
             self._json(resp, f"download asset {asset['name']}")
         return resp.content
@@ -219,10 +260,11 @@ class ReleasesClient:
                     self.delete_asset(asset)
 
         started = time.monotonic()
-        resp = self._send("POST", url, params={"name": name}, before_retry=drop_partial,
-                          body=lambda: file_range(path, offset, length),
-                          headers={"Content-Type": "application/octet-stream",
-                                   "Content-Length": str(length)})
+        # githubkit hands `content` to httpx, which streams an iterator; its annotation says bytes
+        resp = self._send(f"upload {name}", lambda: self._gh.request(  # type: ignore[call-overload]
+            "POST", url, params={"name": name}, content=file_range(path, offset, length),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)}),
+            before_retry=drop_partial)
         if resp.status_code == 422:
             # a retried upload whose first attempt did land: accept it if it is complete
             same = [a for a in self.assets(release) if a["name"] == name]

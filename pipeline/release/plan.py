@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from core import env
 
 from .. import manifest
 from ..artifacts import KINDS, artifact_name
@@ -75,12 +76,8 @@ class Plan:
 # ---------------------------------------------------------------- prepare (local)
 
 def max_asset_bytes() -> int:
-    value = os.environ.get(LIMIT_ENV, "").strip()
-    if not value:
-        return MAX_ASSET_BYTES
-    if not value.isdigit() or not 2 <= int(value) <= MAX_ASSET_BYTES:
-        raise ReleaseError(f"{LIMIT_ENV}={value!r} must be a byte count between 2 and {MAX_ASSET_BYTES}")
-    return int(value)
+    value: int | None = env.get(LIMIT_ENV)  # checked: 2 .. MAX_ASSET_BYTES
+    return MAX_ASSET_BYTES if value is None else value
 
 
 def part_size(limit: int) -> int:
@@ -101,7 +98,7 @@ def load_manifest(paths: FlavorPaths, version: str) -> dict[str, Any]:
         raise ReleaseError(f"{paths.manifest} was built as version {data.get('version')!r}, "
                            f"but this checkout is version {version!r}",
                            f"rebuild (doit build-{paths.flavor.name}) or set COS_VERSION={data.get('version')}")
-    arch = os.environ.get("COS_ARCH")
+    arch = env.get("COS_ARCH")
     if arch and data.get("arch") != arch:
         raise ReleaseError(f"{paths.manifest} is for arch {data.get('arch')!r}, but COS_ARCH={arch}",
                            "build the flavor for that arch first")

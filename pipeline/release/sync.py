@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from core import env
 
 from ..config import FlavorContext
 from ..files import write_json_atomic
@@ -141,7 +142,8 @@ def release_stage(ctx: FlavorContext, *, replace: bool = False, limit: int | Non
     settings = Settings.from_env()
     load_manifest(paths, version)  # cheap checks first: the build is there and of this version
     with ReleasesClient(settings) as gh:
-        gh.release_by_tag(release_tag(version))  # token and repository work, before any compression
+        gh.check_repository()  # the API answers, the token works, the repository exists: before any compression
+        gh.release_by_tag(release_tag(version))
         plan = prepare(ctx, limit)
         result = publish(plan, gh, replace=replace, target=head_commit(paths.root))
     write_json_atomic(paths.state("release"), {**result, "assets": {a.name: a.sha256 for a in plan.assets}})
@@ -149,4 +151,4 @@ def release_stage(ctx: FlavorContext, *, replace: bool = False, limit: int | Non
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+    return env.flag(name)

@@ -196,6 +196,8 @@ def _handler(server: GitHubAPIServer, role: str) -> type[BaseHTTPRequestHandler]
                 self._body()
                 return self._send(401, {"message": "Bad credentials"})
             prefix = f"/repos/{server.repository}"
+            if role == "api" and self.command == "GET" and url.path == prefix:
+                return self._send(200, {"full_name": server.repository, "name": server.repository.split("/")[1]})
             if not url.path.startswith(prefix + "/"):
                 self._body()
                 return self._send(404, {"message": "Not Found"})
