@@ -153,7 +153,9 @@ class GcpUploader(Uploader):
                                    "GCE wants a .tar.gz holding disk.raw (tar --format=gnu -S -czf)")
         if self.spec.arch not in ARCH:
             raise PublishError(f"gcp: architecture {self.spec.arch!r} is not supported (x86_64, arm64)")
-        if not self.gcall(f"look up bucket {self.target.bucket}", self.bucket.exists, retry=RETRY):
+        # the clients are made inside gcall too: without credentials they raise on creation
+        self.gcall("make the Compute client", lambda: self.images)
+        if not self.gcall(f"look up bucket {self.target.bucket}", lambda: self.bucket.exists(retry=RETRY)):
             raise PublishError(f"gcp: bucket gs://{self.target.bucket} does not exist or is not visible",
                                "create it (in the image's storage location) or fix clouds.gcp.bucket")
 

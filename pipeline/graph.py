@@ -108,7 +108,8 @@ def image_task(ctx: FlavorContext) -> Task:
     return {"name": "image", "doc": f"docker build {tag}",
             "file_dep": [*ctx.paths.context_files, ctx.paths.state("base"), ctx.paths.state("toolkit")],
             "targets": [ctx.paths.state("image")],
-            "uptodate": [config_changed({"tag": tag, "build_args": ctx.flavor.image.build_args})],
+            "uptodate": [config_changed({"tag": tag, "build_args": ctx.flavor.image.build_args,
+                                         **({"links": links} if (links := ctx.paths.context_links) else {})})],
             "actions": [stage_action(image.image_stage, ctx)],
             "clean": True}
 

@@ -51,7 +51,7 @@ def from_env() -> str | None:
         return None
     version = env[1:] if TAG_RE.match(env) else env
     if not VERSION_RE.match(version):
-        raise ConfigError(f"COS_VERSION={env!r} is not a usable version",
+        raise ConfigError(f"COS_VERSION={environ.shorten(env)} is not a usable version",
                           "use letters, digits and . + ~ _ - only (at most 64), e.g. 1.2.3 or v1.2.3")
     return version
 
