@@ -230,6 +230,14 @@ def test_bad_input_gives_one_short_message_and_exit_2(case, tmp_path):
     assert not any(build.rglob("*.json")), "something was built"
 
 
+def test_doit_list_on_a_fresh_checkout_lists_the_graph(tmp_path):
+    """No build directory yet (a fresh clone): doit keeps its state there; it is made."""
+    build = tmp_path / "fresh" / "build"
+    proc = run_doit("list", env={"COS_BUILD_DIR": str(build)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "build-red" in proc.stdout and "release-red" in proc.stdout and "Traceback" not in proc.stderr
+
+
 def test_a_real_bug_still_shows_its_traceback(tmp_path):
     """Only user input is turned into a message: a bug in a stage keeps its traceback."""
     script = tmp_path / "dodo.py"
@@ -272,15 +280,23 @@ def test_no_secret_reaches_any_output_or_log(tmp_path, aws, cloud_build_dir):
     gh = GitHubAPIServer(token=TOKEN).start()
     try:
         build = make_build(tmp_path / "build")
-        outputs = []
+        # a misbehaving proxy that echoes the token into its error: once (a retry warning
+        # is logged), then on every attempt of a second run (the failure message)
+        gh.inject("GET", r"/releases/tags/", status=502, message=f"upstream saw token {TOKEN}")
+        first = run_doit("release-red", env={**env_for(gh, build), "GITHUB_TOKEN": TOKEN, **SECRETS}, check=False)
+        outputs = [first]
+        gh.inject("GET", r"/releases/tags/", status=502, times=5, message=f"upstream saw token {TOKEN}")
+        outputs.append(run_doit("release-red", env={**env_for(gh, build), "GITHUB_TOKEN": TOKEN}, check=False))
+        assert outputs[0].returncode == 0 and "retry 1/4" in outputs[0].stderr, outputs[0].stderr
+        assert outputs[1].returncode == 1 and "failed after 5 attempts" in outputs[1].stdout, outputs[1].stdout
         for token, debug in ((TOKEN, "DEBUG"), ("ghs_WrongTokenButSecret9876", "INFO"),
                              ("ghs_firstHALF\nSECONDhalfOFtoken", "INFO")):
             proc = run_doit("release-red", env={**env_for(gh, build), "GITHUB_TOKEN": token, "COS_LOG": debug,
                                                 **SECRETS}, check=False)
             outputs.append(proc)
-        assert outputs[0].returncode == 0, outputs[0].stderr
-        assert outputs[1].returncode == 1 and "GITHUB_TOKEN is missing or lacks" in outputs[1].stdout
-        assert outputs[2].returncode == 2 and "GITHUB_TOKEN" in outputs[2].stderr
+        assert outputs[2].returncode == 0, outputs[2].stderr
+        assert outputs[3].returncode == 1 and "GITHUB_TOKEN is missing or lacks" in outputs[3].stdout
+        assert outputs[4].returncode == 2 and "GITHUB_TOKEN" in outputs[4].stderr
         values.append("ghs_WrongTokenButSecret9876")
         # publishing too: the AWS secret key and session token are the SDK's credentials
         clouds = {"aws": {"regions": ["us-east-1"], "workers": 4}}

@@ -9,8 +9,8 @@ tag, 422 `already_exists` for a duplicate tag or asset name, assets < max_asset_
 downloads (Accept: application/octet-stream) answered with a 302 to the uploads host.
 
 Fault injection: `inject(method, path_regex, status, times, partial=...)` answers the
-next matching requests with `status` (a partial upload leaves a 'starter' asset, as a
-broken upload does on GitHub); `token` can be changed at any time.
+next matching requests with `status` and `message` (a partial upload leaves a 'starter'
+asset, as a broken upload does on GitHub); `token` can be changed at any time.
 
 Run by hand: python -m tests.servers.github_api [--token T]
 """
@@ -35,6 +35,7 @@ class Fault:
     times: int
     partial: bool = False
     retry_after: int | None = None
+    message: str = "injected fault"
 
 
 @dataclass
@@ -104,9 +105,10 @@ class GitHubAPIServer:
             srv.server_close()
 
     def inject(self, method: str, path_regex: str, status: int = 502, times: int = 1,
-               partial: bool = False, retry_after: int | None = None) -> None:
+               partial: bool = False, retry_after: int | None = None, message: str = "injected fault") -> None:
         with self.lock:
-            self.faults.append(Fault(method, re.compile(path_regex), status, times, partial, retry_after))
+            self.faults.append(Fault(method, re.compile(path_regex), status, times, partial, retry_after,
+                                     message))
 
     def release(self, tag: str) -> Release | None:
         return next((r for r in self.releases.values() if r.tag_name == tag), None)
@@ -191,7 +193,7 @@ def _handler(server: GitHubAPIServer, role: str) -> type[BaseHTTPRequestHandler]
                 else:
                     self._body()
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
-                return self._send(fault.status, {"message": "injected fault"}, headers)
+                return self._send(fault.status, {"message": fault.message}, headers)
             if not self._authorized():
                 self._body()
                 return self._send(401, {"message": "Bad credentials"})
