@@ -51,7 +51,7 @@ def client():
     return c
 
 
-def api():
+def api() -> Any:
     """The low-level API client (streaming build logs, exports)."""
     return client().api
 

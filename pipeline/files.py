@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from core.hashing import CHUNK, fast_digest, hash_file
 from core.sparse import data_extents
@@ -109,7 +110,7 @@ class DigestCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._path: Path | None = None
-        self._data: dict[str, list] = {}
+        self._data: dict[str, list[Any]] = {}
         self._dirty = False
 
     def _load(self) -> None:
@@ -124,7 +125,7 @@ class DigestCache:
         atexit.register(self.save)
 
     @staticmethod
-    def _key(st: os.stat_result) -> list:
+    def _key(st: os.stat_result) -> list[int]:
         return [st.st_size, st.st_mtime_ns, st.st_ino]
 
     def _get(self, path: Path | str, algo: str) -> str:
@@ -134,7 +135,7 @@ class DigestCache:
             st = os.stat(path)
             hit = self._data.get(path)
             if hit and hit[:3] == self._key(st) and isinstance(hit[3], dict) and algo in hit[3]:
-                return hit[3][algo]
+                return str(hit[3][algo])
         digest = (hash_file if algo == "sha256" else fast_digest)(path)
         self.remember(path, digest, st, algo)
         return digest
@@ -171,7 +172,7 @@ class DigestCache:
 DIGESTS = DigestCache()
 
 
-def file_entry(kind: str, path: Path, base: Path) -> dict:
+def file_entry(kind: str, path: Path, base: Path) -> dict[str, Any]:
     """A manifest artifact entry; the digest is cached for doit's checker too."""
     return {"kind": kind, "path": str(Path(path).relative_to(base)),
             "sha256": DIGESTS.sha256(path), "size": Path(path).stat().st_size}

@@ -27,7 +27,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 def read(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text())
+        data: dict[str, Any] = json.loads(Path(path).read_text())
+        return data
     except FileNotFoundError:
         return {"schema": SCHEMA, "artifacts": []}
 

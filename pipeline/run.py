@@ -66,7 +66,7 @@ def run(
     stdout: IO[bytes] | int | None = None,
     capture: bool = False,
     check: bool = True,
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[bytes]:
     """Run one command; log it; on failure raise PipelineError with stderr's tail.
 
     stderr is always captured so a failure can show why; stdout is captured

@@ -30,7 +30,7 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _tag_key(match: re.Match) -> tuple:
+def _tag_key(match: re.Match[str]) -> tuple[int, int, int, bool, str]:
     major, minor, patch, rest = match.groups()
     # semver: a release sorts after its pre-releases (v1.0.0 > v1.0.0-rc1)
     return int(major), int(minor), int(patch), rest == "", rest
