@@ -10,6 +10,7 @@ doit error conversion pass every log line and exception message through it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -225,25 +226,30 @@ PRIVATE_KEY_RE = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z
 MASK = "***"
 
 
-def secret_values() -> list[str]:
+def secret_values() -> tuple[str, ...]:
     """The values to hide: each secret variable as set, its escaped forms and, for a value
-    with whitespace in it, each longer piece (a log may show it split or repr'd)."""
+    with whitespace in it, each longer piece (a log may show it split or repr'd).
+    Cached by the variables' values: redact() runs for every log line."""
+    return _secret_values(tuple(os.environ.get(v.name) for v in VARS.values() if v.secret),
+                          raw("GOOGLE_APPLICATION_CREDENTIALS"))
+
+
+@functools.lru_cache(maxsize=16)
+def _secret_values(values: tuple[str | None, ...], gcp_key_file: str | None) -> tuple[str, ...]:
     out: set[str] = set()
-    for var in VARS.values():
-        value = os.environ.get(var.name) if var.secret else None
+    for value in values:
         if not value or len(value.strip()) < 4:
             continue
         out |= {value, value.strip(), value.encode("unicode_escape").decode(), json.dumps(value)[1:-1]}
         out |= {piece for piece in value.split() if len(piece) >= 6}
         out |= {part for part in re.split(r"[;,]", value) if "=" in part and len(part) >= 12
                 and part.split("=", 1)[0].strip().lower() in ("accountkey", "sharedaccesssignature")}
-    out |= _gcp_key_secrets()
-    return sorted((v for v in out if len(v) >= 4), key=len, reverse=True)
+    out |= _gcp_key_secrets(gcp_key_file)
+    return tuple(sorted((v for v in out if len(v) >= 4), key=len, reverse=True))
 
 
-def _gcp_key_secrets() -> set[str]:
+def _gcp_key_secrets(path: str | None) -> set[str]:
     """The private key (and its id) in the file $GOOGLE_APPLICATION_CREDENTIALS names."""
-    path = raw("GOOGLE_APPLICATION_CREDENTIALS")
     try:
         data = json.loads(Path(path).read_text()) if path else {}
     except (OSError, ValueError):

@@ -325,6 +325,19 @@ def test_redaction_covers_escaped_and_split_forms(monkeypatch):
     assert "sv=1" in out and "se=2" in out
 
 
+def test_redaction_hides_the_gcp_key_of_the_credentials_file(tmp_path, monkeypatch):
+    import json
+
+    from core import env
+    key = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"
+    creds = tmp_path / "sa.json"
+    creds.write_text(json.dumps({"type": "service_account", "private_key_id": "0123456789abcdef0123",
+                                 "private_key": key, "client_email": "sa@p.iam"}))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(creds))
+    out = env.redact(f"loaded key id 0123456789abcdef0123: {json.dumps(key)} and {key}")
+    assert "0123456789abcdef0123" not in out and "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC" not in out, out
+
+
 def test_log_filter_redacts_messages_and_tracebacks(monkeypatch):
     import logging
 
