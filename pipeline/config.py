@@ -89,7 +89,7 @@ class Bootstrap(StrictModel):
 
 
 class BaseImage(StrictModel):
-    ref: str = Field(pattern=r"^[a-z0-9][a-z0-9._/:-]{0,200}(@sha256:[0-9a-f]{64})?$",
+    ref: str = Field(pattern=r"^[a-z0-9][A-Za-z0-9._/:-]{0,200}(@sha256:[0-9a-f]{64})?$",
                      description="image reference to pull, e.g. debian:bookworm")
     bootstrap: Bootstrap | None = None
 
