@@ -1,0 +1,127 @@
+"""pipeline/vm.py without booting an OS: QEMU really accepts the command lines it builds
+(every drive medium, firmware, restricted NIC with forwards), the cidata ISO is a real
+ISO 9660 volume labelled cidata holding the files, and the guestfwd relay carries bytes
+both ways to a server on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline import vm
+from pipeline.errors import PipelineError
+
+REPO = Path(__file__).resolve().parent.parent
+needs_qemu = pytest.mark.skipif(bool(vm.missing_tools("uefi") + vm.missing_tools("bios")),
+                                reason="qemu-system-x86 / ovmf / seabios not installed")
+
+
+def qemu_accepts(cmd: list[str], seconds: float = 3.0) -> None:
+    """Start QEMU paused (-S): it parses and realizes every option and device first and
+    exits at once on a bad one; still running after `seconds` = accepted."""
+    proc = subprocess.Popen([*cmd, "-S"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=seconds)
+        raise AssertionError(f"QEMU exited {proc.returncode}: {out.decode(errors='replace')}\n{cmd}")
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@needs_qemu
+@pytest.mark.parametrize("firmware", ["uefi", "bios"])
+def test_qemu_accepts_every_medium_and_the_network(tmp_path, firmware):
+    drives = []
+    for n, media in enumerate(vm.MEDIA):
+        img = tmp_path / f"d{n}.img"
+        if media == "cdrom":
+            img = vm.cidata_iso(tmp_path / f"seed{n}", "#cloud-config\n")
+        else:
+            subprocess.run(["truncate", "-s", "64M", img], check=True)
+        drives.append(vm.Drive(img, media))
+    second = tmp_path / "second.img"  # a second disk on the same virtio-scsi controller, persistent
+    subprocess.run(["truncate", "-s", "64M", second], check=True)
+    drives.append(vm.Drive(second, "scsi", snapshot=False))
+    net = vm.Network(hostfwd={vm.free_port(): 22},
+                     guestfwd=[vm.GuestForward("169.254.169.254", 80, vm.free_port())])
+    vars_file = tmp_path / "vars.fd"
+    shutil.copyfile(vm.OVMF_VARS, vars_file)
+    cmd = vm.qemu_command(vm.Machine(drives, firmware=firmware, network=net), vars_file)
+    assert "restrict=on" in cmd[cmd.index("-netdev") + 1]
+    qemu_accepts(cmd)
+
+
+def test_network_options():
+    net = vm.Network(hostfwd={2222: 22}, guestfwd=[vm.GuestForward("10.0.2.100", 80, 8080)])
+    netdev = vm.network_args(net)[1].split(",")
+    assert netdev[:3] == ["user", "id=net0", "restrict=on"]
+    assert "hostfwd=tcp:127.0.0.1:2222-:22" in netdev
+    assert not any(o.startswith("net=") for o in netdev)  # 10.0.2.100 is in slirp's own network
+    metadata = vm.Network(guestfwd=[vm.GuestForward("169.254.169.254", 80, 8080)])
+    assert "net=169.254.0.0/16" in vm.network_args(metadata)[1].split(",")
+    with pytest.raises(PipelineError, match="not all in"):
+        vm.network_args(vm.Network(guestfwd=[vm.GuestForward("10.0.2.100", 80, 1),
+                                             vm.GuestForward("169.254.169.254", 80, 2)]))
+    assert vm.network_args(None) == ["-nic", "none"]
+
+
+def test_bad_machine_is_one_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="unknown media 'floppy'"):
+        vm.qemu_command(vm.Machine([vm.Drive(tmp_path / "x", "floppy")], firmware="bios"))
+    with pytest.raises(PipelineError, match="unknown firmware"):
+        vm.qemu_command(vm.Machine([vm.Drive(tmp_path / "x")], firmware="coreboot"))
+
+
+def test_cidata_iso_is_labelled_and_holds_the_files(tmp_path):
+    iso = vm.cidata_iso(tmp_path, "#cloud-config\nhostname: x\n", "instance-id: i-1\n")
+    assert iso == tmp_path / "cidata.iso" and not list(tmp_path.glob(".*tmp"))
+    label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", iso], capture_output=True, text=True)
+    assert label.stdout.strip() == "cidata"
+    for name, want in (("user-data", "#cloud-config\nhostname: x\n"), ("meta-data", "instance-id: i-1\n")):
+        got = subprocess.run(["xorriso", "-indev", iso, "-osirrox", "on", "-extract", f"/{name}",
+                              tmp_path / name], capture_output=True)
+        assert got.returncode == 0, got.stderr
+        assert (tmp_path / name).read_text() == want
+
+
+def test_guestfwd_relay_carries_both_ways(tmp_path):
+    """What slirp runs per guest connection: stdin/stdout is the guest's socket."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while not data.endswith(b"\n\n"):
+                data += conn.recv(100)
+            conn.sendall(b"echo:" + data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    guest, relay_end = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.vm", "forward", str(port)], cwd=REPO,
+                            stdin=relay_end, stdout=relay_end, env={**os.environ, "PYTHONPATH": str(REPO)})
+    relay_end.close()
+    guest.sendall(b"GET / HTTP/1.0\n\n")
+    guest.shutdown(socket.SHUT_WR)
+    guest.settimeout(20)
+    reply = b""
+    while chunk := guest.recv(100):
+        reply += chunk
+    assert reply == b"echo:GET / HTTP/1.0\n\n"
+    assert proc.wait(timeout=20) == 0
+    server.close()
+
+
+def test_forward_command_runs_this_module():
+    argv = vm.forward_command(1234)
+    assert "pipeline.vm forward 1234" in argv and "," not in argv.replace(",,", "")
