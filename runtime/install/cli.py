@@ -1,0 +1,61 @@
+"""Entry points of the install tools on the OS: `cos-deploy` (main).
+
+    cos-deploy [--no-verify] [--no-cosign] [--reboot | --poweroff] [--force] [--strict]
+               [--source DIR] [--root DIR] [--state DIR] [--oem DIR] [--quiet]
+
+Exit 0 on success, 1 with one line `cos-deploy: error: ...` otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..system import CosError, System
+from . import deploy
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cos-deploy",
+        description="Install the running recovery system into COS_STATE (cOS/active.img, cOS/passive.img, "
+                    "boot menu) and boot it next. Only in recovery mode.")
+    p.add_argument("--no-verify", action="store_true",
+                   help="accepted for compatibility: the running system is deployed, nothing is pulled to verify")
+    p.add_argument("--no-cosign", action="store_true", help="accepted for compatibility (no image is pulled)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--reboot", action="store_true", help="reboot after a successful deploy")
+    when.add_argument("--poweroff", action="store_true", help="power off after a successful deploy")
+    p.add_argument("--force", action="store_true", help="replace a system already deployed on COS_STATE")
+    p.add_argument("--strict", action="store_true", help="fail when the after-deploy cloud-config stage fails")
+    p.add_argument("--source", type=Path,
+                   help=f"the root tree to deploy (default: {deploy.DEFAULT_SOURCE} in --root, the recovery squashfs)")
+    p.add_argument("--root", type=Path, default=Path("/"),
+                   help=f"the system's root (default /; a scratch root for tests): {deploy.RECOVERY_SENTINEL} "
+                        "is read from it")
+    p.add_argument("--state", type=Path, help="use this directory as COS_STATE instead of mounting the partition")
+    p.add_argument("--oem", type=Path, help="use this directory as COS_OEM instead of /oem or the partition")
+    p.add_argument("--quiet", action="store_true", help="print only warnings and errors")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="cos-deploy: %(message)s",
+                        stream=sys.stderr)
+    system = System(root=args.root)
+    opts = deploy.Options(source=args.source, state=args.state, oem=args.oem, force=args.force, strict=args.strict)
+    try:
+        deploy.deploy(system, opts)
+        if args.reboot or args.poweroff:
+            deploy.power(system, "reboot" if args.reboot else "poweroff")
+    except CosError as e:
+        print(f"cos-deploy: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
