@@ -30,8 +30,8 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
 QEMU = "qemu-system-x86_64"
 MEDIA = ("disk", "cdrom", "usb", "nvme", "scsi")
-SLIRP_NET = ipaddress.ip_network("10.0.2.0/24")        # QEMU's default user network
-LINK_LOCAL = ipaddress.ip_network("169.254.0.0/16")     # cloud metadata addresses live here
+SLIRP_NET = ipaddress.IPv4Network("10.0.2.0/24")        # QEMU's default user network
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")     # cloud metadata addresses live here
 DEFAULT_META_DATA = "instance-id: cos-local\n"
 
 
@@ -102,7 +102,7 @@ def kvm_usable() -> bool:
     try:
         probe = subprocess.run([QEMU, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-display", "none",
                                 "-nodefaults", "-S", "-monitor", "stdio"], input=b"quit\n",
-                               capture_output=True, timeout=30)
+                               capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
@@ -133,8 +133,8 @@ def drive_args(drives: list[Drive]) -> list[str]:
             args += ["-drive", f"if=none,id={ident},file={_opt(d.path)},format={d.format},media=cdrom,readonly=on",
                      "-device", f"ide-cd,drive={ident}{boot}"]
             continue
-        args += ["-drive", f"if=none,id={ident},file={_opt(d.path)},format={d.format},"
-                           f"snapshot={'on' if d.snapshot else 'off'}"]
+        snapshot = "on" if d.snapshot else "off"
+        args += ["-drive", f"if=none,id={ident},file={_opt(d.path)},format={d.format},snapshot={snapshot}"]
         if d.media == "usb":
             if "usb" not in controllers:
                 args += ["-device", "qemu-xhci,id=xhci"]
@@ -214,7 +214,7 @@ def cidata_iso(directory: Path, user_data: str, meta_data: str = DEFAULT_META_DA
         raise PipelineError("cannot make the NoCloud cidata ISO: neither xorriso nor genisoimage is installed",
                             "apt-get install xorriso")
     proc = subprocess.run([*cmd, "-quiet", "-V", "cidata", "-J", "-r", "-o", str(tmp), str(src)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise PipelineError(f"{cmd[0]} failed making {out}: {proc.stderr.strip()[-500:]}")
@@ -297,7 +297,8 @@ def persistent_copy(artifact: Path, target: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    proc = subprocess.run(["cp", "--sparse=always", str(artifact), str(tmp)], capture_output=True, text=True)
+    proc = subprocess.run(["cp", "--sparse=always", str(artifact), str(tmp)], capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise PipelineError(f"cannot copy {artifact} to {target}: {proc.stderr.strip()}")
@@ -346,7 +347,7 @@ def run(opts: RunOptions) -> int:
         ssh = f"; ssh -p {opts.ssh_port} root@127.0.0.1" if opts.ssh_port else ""
         print(f"dev run: {opts.flavor} {opts.media} ({opts.firmware}, {machine.accel}); serial console below, "
               f"Ctrl-A X quits{ssh}\n$ {shlex.join(cmd)}", file=sys.stderr, flush=True)
-        return subprocess.run(cmd).returncode
+        return subprocess.run(cmd, check=False).returncode
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:

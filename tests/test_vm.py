@@ -4,6 +4,7 @@ ISO 9660 volume labelled cidata holding the files, and the guestfwd relay carrie
 both ways to a server on 127.0.0.1."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -84,11 +85,11 @@ def test_bad_machine_is_one_clear_error(tmp_path):
 def test_cidata_iso_is_labelled_and_holds_the_files(tmp_path):
     iso = vm.cidata_iso(tmp_path, "#cloud-config\nhostname: x\n", "instance-id: i-1\n")
     assert iso == tmp_path / "cidata.iso" and not list(tmp_path.glob(".*tmp"))
-    label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", iso], capture_output=True, text=True)
+    label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", iso], capture_output=True, text=True, check=False)
     assert label.stdout.strip() == "cidata"
     for name, want in (("user-data", "#cloud-config\nhostname: x\n"), ("meta-data", "instance-id: i-1\n")):
         got = subprocess.run(["xorriso", "-indev", iso, "-osirrox", "on", "-extract", f"/{name}",
-                              tmp_path / name], capture_output=True)
+                              tmp_path / name], capture_output=True, check=False)
         assert got.returncode == 0, got.stderr
         assert (tmp_path / name).read_text() == want
 
@@ -131,7 +132,7 @@ def test_forward_command_runs_this_module():
 
 def dev_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(REPO / "dev"), "run", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, check=False)
 
 
 def fake_build(build_dir: Path, kind: str = "raw", size: str = "64M") -> Path:
@@ -143,7 +144,7 @@ def fake_build(build_dir: Path, kind: str = "raw", size: str = "64M") -> Path:
     with open(artifact, "r+b") as f:
         f.write(b"cOS!")
     (flavor_dir / "manifest.json").write_text(
-        '{"flavor": "red", "artifacts": [{"kind": "%s", "path": "%s"}]}' % (kind, artifact.name))
+        json.dumps({"flavor": "red", "artifacts": [{"kind": kind, "path": artifact.name}]}))
     return artifact
 
 
@@ -211,3 +212,23 @@ def test_dev_run_machine_persistent_copy_cidata_and_ssh(tmp_path, monkeypatch):
     assert keep.read_bytes()[:4] == b"mine" and artifact.read_bytes()[:4] == b"cOS!"
     plain, _ = vm.run_machine(vm.RunOptions("red", firmware="bios"), work)
     assert plain.drives == [vm.Drive(artifact)] and plain.drives[0].snapshot
+
+
+@pytest.mark.slow
+@pytest.mark.boot
+def test_dev_run_boots_the_iso_on_its_stdio(flavor_build, flavor_paths):
+    """`./dev run <flavor> --iso` as a user runs it, stdin/stdout a pipe instead of a
+    terminal: the serial console reaches the login prompt, the NIC has its DHCP address,
+    and poweroff ends QEMU with 0 (reboots would stay inside it)."""
+    from tests.qemu import VM
+    console = VM(vm.Drive(Path("-")), firmware="bios", name="dev-run")  # firmware: no OVMF copy needed
+    console.start(cmd=[str(REPO / "dev"), "run", flavor_paths.flavor.name, "--iso"])
+    try:
+        console.login(timeout=400)
+        console.run("test -e /run/cos/live_mode")
+        console.run("timeout 180 /usr/lib/systemd/systemd-networkd-wait-online --any", timeout=210)
+        assert "inet 10.0.2.15/24" in console.run("ip -4 -o addr show scope global")
+        console.poweroff()
+        assert console.proc and console.proc.returncode == 0
+    finally:
+        console.stop()
