@@ -30,8 +30,8 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
 QEMU = "qemu-system-x86_64"
 MEDIA = ("disk", "cdrom", "usb", "nvme", "scsi")
-SLIRP_NET = ipaddress.ip_network("10.0.2.0/24")        # QEMU's default user network
-LINK_LOCAL = ipaddress.ip_network("169.254.0.0/16")     # cloud metadata addresses live here
+SLIRP_NET = ipaddress.IPv4Network("10.0.2.0/24")        # QEMU's default user network
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")     # cloud metadata addresses live here
 DEFAULT_META_DATA = "instance-id: cos-local\n"
 
 
@@ -93,11 +93,19 @@ def missing_tools(firmware: str) -> list[str]:
 
 
 def kvm_usable() -> bool:
+    """/dev/kvm can be opened AND QEMU brings a KVM vCPU up with our flags (a nested or
+    half-supported KVM opens fine and then aborts setting MSRs): a 0.1 s paused start."""
     try:
         os.close(os.open("/dev/kvm", os.O_RDWR))
-        return True
     except OSError:
         return False
+    try:
+        probe = subprocess.run([QEMU, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-display", "none",
+                                "-nodefaults", "-S", "-monitor", "stdio"], input=b"quit\n",
+                               capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
 
 
 def free_port() -> int:
@@ -125,8 +133,8 @@ def drive_args(drives: list[Drive]) -> list[str]:
             args += ["-drive", f"if=none,id={ident},file={_opt(d.path)},format={d.format},media=cdrom,readonly=on",
                      "-device", f"ide-cd,drive={ident}{boot}"]
             continue
-        args += ["-drive", f"if=none,id={ident},file={_opt(d.path)},format={d.format},"
-                           f"snapshot={'on' if d.snapshot else 'off'}"]
+        snapshot = "on" if d.snapshot else "off"
+        args += ["-drive", f"if=none,id={ident},file={_opt(d.path)},format={d.format},snapshot={snapshot}"]
         if d.media == "usb":
             if "usb" not in controllers:
                 args += ["-device", "qemu-xhci,id=xhci"]
@@ -206,7 +214,7 @@ def cidata_iso(directory: Path, user_data: str, meta_data: str = DEFAULT_META_DA
         raise PipelineError("cannot make the NoCloud cidata ISO: neither xorriso nor genisoimage is installed",
                             "apt-get install xorriso")
     proc = subprocess.run([*cmd, "-quiet", "-V", "cidata", "-J", "-r", "-o", str(tmp), str(src)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise PipelineError(f"{cmd[0]} failed making {out}: {proc.stderr.strip()[-500:]}")
@@ -250,15 +258,132 @@ def _send_all(sock: socket.socket, data: bytes) -> None:
         sock.setblocking(False)
 
 
+
+# ---- ./dev run: boot a built artifact on the user's terminal ----
+
+ARTIFACT_KINDS = {"disk": "raw", "iso": "iso"}   # --disk / --iso -> manifest kind = doit task
+
+
+@dataclass
+class RunOptions:
+    flavor: str
+    media: str = "disk"                 # disk | iso
+    firmware: str = "uefi"
+    user_data: Path | None = None
+    persistent: Path | None = None
+    ssh_port: int | None = None
+    memory_mib: int = 2048
+
+
+def find_artifact(flavor: str, media: str) -> Path:
+    """The flavor's built raw disk or ISO, from its manifest; else say which task builds it."""
+    from . import manifest
+    from .config import FlavorPaths, load_flavor
+    kind = ARTIFACT_KINDS[media]
+    paths = FlavorPaths(load_flavor(flavor))
+    entry = manifest.artifact(paths.manifest, kind) if paths.manifest.is_file() else None
+    path = paths.build / entry["path"] if entry else None
+    if path is None or not path.is_file():
+        raise PipelineError(f"{flavor}: the {'raw disk' if media == 'disk' else 'ISO'} is not built yet"
+                            + (f" ({path} is missing)" if path else ""),
+                            f"build it: ./dev doit build-{flavor}:{kind}  (or ./dev build {flavor})")
+    return path
+
+
+def persistent_copy(artifact: Path, target: Path) -> Path:
+    """First run: a sparse copy of the artifact (temporary name, renamed when complete);
+    later runs: the copy as the user left it."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    proc = subprocess.run(["cp", "--sparse=always", str(artifact), str(tmp)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise PipelineError(f"cannot copy {artifact} to {target}: {proc.stderr.strip()}")
+    tmp.rename(target)
+    print(f"dev run: made {target} from {artifact.name}; later runs boot this copy", file=sys.stderr)
+    return target
+
+
+def run_machine(opts: RunOptions, workdir: Path) -> tuple[Machine, Path | None]:
+    """Everything checked before anything is written; returns the machine and its vars file."""
+    if missing := missing_tools(opts.firmware):
+        raise PipelineError("cannot boot: missing " + ", ".join(missing))
+    if opts.persistent and opts.media != "disk":
+        raise PipelineError("--persistent keeps a copy of the raw disk: use it with --disk")
+    user_data = None
+    if opts.user_data:
+        try:
+            user_data = opts.user_data.read_text()
+        except OSError as exc:
+            raise PipelineError(f"--user-data {opts.user_data}: cannot read it ({exc.strerror})") from None
+    artifact = find_artifact(opts.flavor, opts.media)
+    if opts.media == "iso":
+        drives = [Drive(artifact, "cdrom")]
+    elif opts.persistent:
+        drives = [Drive(persistent_copy(artifact, opts.persistent), snapshot=False)]
+    else:
+        drives = [Drive(artifact)]  # snapshot: the artifact is never changed
+    if user_data is not None:
+        drives.append(Drive(cidata_iso(workdir, user_data), "cdrom"))
+    vars_file = None
+    if opts.firmware == "uefi":  # OVMF's variables: kept beside a persistent disk, else per run
+        vars_file = (opts.persistent.with_name(opts.persistent.name + ".OVMF_VARS.fd") if opts.persistent
+                     else workdir / "OVMF_VARS.fd")
+        if not vars_file.exists():
+            shutil.copyfile(OVMF_VARS, vars_file)
+    network = Network(hostfwd={opts.ssh_port: 22} if opts.ssh_port else {})
+    machine = Machine(drives, firmware=opts.firmware, memory_mib=opts.memory_mib,
+                      accel="kvm" if kvm_usable() else "tcg", network=network, reboot=True, interactive=True)
+    return machine, vars_file
+
+
+def run(opts: RunOptions) -> int:
+    with tempfile.TemporaryDirectory(prefix="cos-run-") as tmp:
+        machine, vars_file = run_machine(opts, Path(tmp))
+        cmd = qemu_command(machine, vars_file)
+        ssh = f"; ssh -p {opts.ssh_port} root@127.0.0.1" if opts.ssh_port else ""
+        print(f"dev run: {opts.flavor} {opts.media} ({opts.firmware}, {machine.accel}); serial console below, "
+              f"Ctrl-A X quits{ssh}\n$ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+        return subprocess.run(cmd, check=False).returncode
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="boot a built artifact in QEMU on this terminal")
+    p.add_argument("flavor")
+    media = p.add_mutually_exclusive_group()
+    media.add_argument("--disk", dest="media", action="store_const", const="disk", help="the raw disk (default)")
+    media.add_argument("--iso", dest="media", action="store_const", const="iso", help="the live ISO")
+    fw = p.add_mutually_exclusive_group()
+    fw.add_argument("--uefi", dest="firmware", action="store_const", const="uefi", help="OVMF (default)")
+    fw.add_argument("--bios", dest="firmware", action="store_const", const="bios", help="SeaBIOS")
+    p.add_argument("--user-data", type=Path, metavar="FILE", help="cloud-config, handed over as NoCloud cidata")
+    p.add_argument("--persistent", type=Path, metavar="PATH",
+                   help="boot a copy of the disk kept at PATH (made on first use, reused later)")
+    p.add_argument("--ssh-port", type=int, metavar="N", help="forward 127.0.0.1:N to the guest's port 22")
+    p.add_argument("--memory", type=int, default=2048, metavar="MIB")
+    p.set_defaults(media="disk", firmware="uefi")
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.vm")
     sub = parser.add_subparsers(dest="command", required=True)
     fwd = sub.add_parser("forward", help="(internal) relay stdin/stdout to 127.0.0.1:PORT, for guestfwd")
     fwd.add_argument("port", type=int)
+    _run_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "forward":
         forward(args.port)
-    return 0
+        return 0
+    if args.ssh_port is not None and not 0 < args.ssh_port < 65536:
+        parser.error(f"--ssh-port {args.ssh_port}: not a TCP port")
+    try:
+        return run(RunOptions(args.flavor, args.media, args.firmware, args.user_data, args.persistent,
+                              args.ssh_port, args.memory))
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
