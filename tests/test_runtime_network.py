@@ -100,8 +100,9 @@ def served_host_key(port: int, tmp: Path) -> str:
 def check_network(vm: VM, address: str = "10.0.2.15/24") -> None:
     addrs = vm.run("ip -4 -o addr show scope global")
     check(vm, f"inet {address}" in addrs, f"no DHCP address {address}:\n{addrs}")
-    check(vm, "80-cos-dhcp.network" in vm.run("networkctl status --no-pager -n 0 $(ip -o link show type ether "
-                                              "| awk -F': ' 'NR==1{print $2}')"), "not configured by our .network")
+    nic = vm.run("ls /sys/class/net | grep -E '^(en|eth)' | head -n 1")
+    status = vm.run(f"networkctl status --no-pager -n 0 {nic}")
+    check(vm, "80-cos-dhcp.network" in status, f"{nic} is not configured by our .network:\n{status}")
     vm.run("systemctl start network-online.target", timeout=120)  # wait-online succeeds: the NIC is online
     check(vm, vm.run("systemctl is-active network-online.target systemd-networkd systemd-resolved")
           .split() == ["active"] * 3, "network-online / networkd / resolved not active")
@@ -137,11 +138,11 @@ def test_dhcp_sshd_and_host_keys_made_per_machine(flavor_build, build_dir, tmp_p
             if n == 1:
                 check_network(vm)
             else:  # slirp moved to 169.254.0.0/16 so that the guestfwd address is its own
-                check_network(vm, "169.254.0.15/16")
+                check_network(vm, "169.254.2.15/16")  # a /16 slirp leases x.x.2.15, host is x.x.2.2
                 got = vm.run("curl -sS --max-time 20 http://169.254.169.254/latest/meta-data/")
                 check(vm, got == "cos-metadata-ok" and md_seen == ["/latest/meta-data/"], f"{got!r} {md_seen}")
-                # restrict=on: the host itself (slirp's 169.254.0.2) is not reachable, only the forward
-                other = vm.run(f"curl -sS --max-time 10 http://169.254.0.2:{md_port}/", check=False)
+                # restrict=on: the host itself (slirp's 169.254.2.2) is not reachable, only the forward
+                other = vm.run(f"curl -sS --max-time 10 http://169.254.2.2:{md_port}/", check=False)
                 check(vm, "cos-metadata-ok" not in other and md_seen == ["/latest/meta-data/"],
                       f"the guest reached the host's server directly: {other!r}")
             check(vm, vm.run("systemctl is-active cos-ssh-keygen.service") == "active", "keygen unit not run")
