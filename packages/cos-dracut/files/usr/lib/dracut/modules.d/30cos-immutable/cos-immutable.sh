@@ -6,6 +6,9 @@
 #   mount   active/passive: tmpfs overlays on RW_PATHS, COS_OEM at /oem, COS_PERSISTENT
 #           at /usr/local with PERSISTENT_STATE_PATHS bound from /usr/local/.state;
 #           recovery: COS_OEM at /oem; live: nothing
+#   stage S the image's `cos-setup S` chrooted into /sysroot with the initrd's /dev, /proc,
+#           /sys, /run (a wrapper, not RootDirectory=: that makes the unit require
+#           sysroot.mount, which fails on live roots that dracut-mount mounts instead)
 # Settings: /etc/cos/immutable.env of the image, then /oem/immutable.env, then
 # /run/cos/immutable.env (e.g. written by the rootfs stage); see docs/runtime.md.
 set -eu
@@ -134,9 +137,25 @@ do_mount() {
     esac
 }
 
+do_stage() {
+    stage=$1
+    mountpoint -q "$SYSROOT" || { say "no root at $SYSROOT: stage $stage skipped"; return 0; }
+    [ -x "$SYSROOT/usr/bin/cos-setup" ] || { say "the image has no cos-setup: stage $stage skipped"; return 0; }
+    bound=
+    for d in /dev /proc /sys /run; do
+        mountpoint -q "$SYSROOT$d" && continue
+        mount --bind "$d" "$SYSROOT$d" && bound="$SYSROOT$d $bound"
+    done
+    rc=0
+    chroot "$SYSROOT" /usr/bin/cos-setup "$stage" || rc=$?
+    for m in $bound; do umount "$m" || umount -l "$m"; done
+    return "$rc"
+}
+
 case "${1:-}" in
     mode) do_mode ;;
     attach) do_attach ;;
     mount) do_mount ;;
-    *) echo "usage: $0 mode|attach|mount" >&2; exit 2 ;;
+    stage) do_stage "${2:?usage: $0 stage NAME}" ;;
+    *) echo "usage: $0 mode|attach|mount|stage NAME" >&2; exit 2 ;;
 esac

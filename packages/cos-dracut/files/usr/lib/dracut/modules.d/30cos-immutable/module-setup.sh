@@ -18,7 +18,7 @@ installkernel() {
 }
 
 install() {
-    inst_multiple losetup mount umount mountpoint blkid mkdir cp mv cat tr sleep modprobe udevadm
+    inst_multiple chroot losetup mount umount mountpoint blkid mkdir cp mv cat tr sleep modprobe udevadm
     inst_script "$moddir/cos-immutable.sh" /usr/lib/cos/cos-immutable
     local unit target
     for unit in cos-mode.service cos-img-attach.service cos-setup-rootfs.service \
