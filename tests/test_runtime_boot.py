@@ -23,10 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.qemu import VM, Drive, GuestForward, Network, cidata_iso, free_port
-from tests.servers.imds import Ec2Imds
+from tests.qemu import VM, Drive, cidata_iso
 from tests.test_boot import artifact, require
-from tests.test_runtime_network import keypair, ssh
 
 pytestmark = [pytest.mark.slow, pytest.mark.boot]
 
@@ -267,88 +265,14 @@ def test_killed_deploy_leaves_recovery_bootable_and_redeploy_succeeds(laid_out):
         vm = reboot(vm, laid_out, "killed-boot2")
         vm.run("test -e /run/cos/recovery_mode")  # GRUB fell back to recovery
         out = vm.run("cos-deploy --no-verify --no-cosign 2>&1", timeout=1200)
-        listing = vm.run("ls /run/cos/state/cOS/")
+        # cos-deploy unmounts COS_STATE when it is done: look at it read-only
+        vm.run("mkdir -p /run/st && mount -o ro LABEL=COS_STATE /run/st")
+        listing = vm.run("ls /run/st/cOS/")
         check(vm, {"active.img", "passive.img"} <= set(listing.split()) and "transition.img" not in listing,
               f"{out}\n{listing}")
-        check(vm, vm.run("blkid -s LABEL -o value /run/cos/state/cOS/active.img") == "COS_ACTIVE", "label")
+        check(vm, vm.run("blkid -s LABEL -o value /run/st/cOS/active.img") == "COS_ACTIVE", "label")
         check(vm, "next_entry=cos" in vm.run("grub-editenv /oem/grubenv list"), "next boot is not cos")
         vm.poweroff()
     finally:
         vm.stop()
 
-
-# ---- the same deployment from EC2 user-data (IMDSv2), reached over SSH ----
-
-def ec2_user_data(user_key: str) -> str:
-    """The deployment user-data with the test user's key from this run."""
-    return DEPLOY_USER_DATA.replace(SSH_KEY, user_key)
-
-
-@dataclass
-class Ec2Installed:
-    vm: VM
-    imds: Ec2Imds
-    ssh_port: int
-    user_key: Path
-    root_key: Path
-
-
-@pytest.fixture(scope="session")
-def ec2_installed(flavor_build, build_dir, tmp_path_factory):
-    """The vanilla disk with NO cidata: its user-data and root's key come from an IMDSv2
-    server on the host's loopback, the guest's only network (restricted user net plus one
-    guestfwd for 169.254.169.254:80); it deploys itself, reboots, and is reached by SSH."""
-    require("uefi")
-    work = tmp_path_factory.mktemp("ec2")
-    (work / "user").mkdir()
-    (work / "root").mkdir()
-    user_key, user_pub = keypair(work / "user")
-    root_key, root_pub = keypair(work / "root")
-    disk = work / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", artifact(flavor_build, build_dir, "raw"), disk], check=True)
-    subprocess.run(["truncate", "-s", DISK_SIZE, disk], check=True)
-    imds = Ec2Imds()
-    imds_port = imds.start(user_data=ec2_user_data(user_pub), public_keys={"cos-test-root": root_pub})
-    ssh_port = free_port()
-    network = Network(hostfwd={ssh_port: 22}, guestfwd=[GuestForward("169.254.169.254", 80, imds_port)])
-    first = VM(Drive(disk, snapshot=False), name="ec2-boot1", network=network).start()
-    try:
-        first.expect(r"Deploy", DEPLOY_TIMEOUT)
-        assert first.proc
-        first.proc.wait(timeout=DEPLOY_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise first.fail(f"the EC2 boot did not deploy and reboot within {DEPLOY_TIMEOUT} s") from None
-    finally:
-        first.stop()
-    vm = VM(Drive(disk, snapshot=False), name="ec2-boot2", network=network).start()
-    try:
-        vm.login(timeout=BOOT_TIMEOUT)
-    except BaseException:
-        vm.stop()
-        raise
-    yield Ec2Installed(vm, imds, ssh_port, user_key, root_key)
-    vm.stop()
-    imds.stop()
-
-
-def test_ec2_user_data_deploys_over_imdsv2_only(ec2_installed):
-    vm, imds = ec2_installed.vm, ec2_installed.imds
-    vm.run("test -e /run/cos/active_mode")
-    check(vm, vm.run("blkid -s LABEL -o value $(findmnt -n -o SOURCE /)") == "COS_ACTIVE", "/ is not COS_ACTIVE")
-    fetched = [r for r in imds.requests if r.method == "GET" and r.path == "/latest/user-data"]
-    assert fetched, f"user-data was never asked for: {[(r.method, r.path) for r in imds.requests]}"
-    assert imds.v1_refused == 0, "the datasource sent a GET without an IMDSv2 token"
-    assert all(r.headers.get("x-aws-ec2-metadata-token") in imds.tokens for r in fetched)
-
-
-def test_ssh_key_from_user_data_and_from_imds_log_in(ec2_installed):
-    vm, port = ec2_installed.vm, ec2_installed.ssh_port
-    vm.run("timeout 180 sh -c 'until systemctl -q is-active ssh.service; do sleep 1; done'", timeout=210)
-    boot_id = vm.run("cat /proc/sys/kernel/random/boot_id")
-    for user, key in (("cosuser", ec2_installed.user_key), ("root", ec2_installed.root_key)):
-        login = ssh(port, f"{user}@127.0.0.1", "id -un; cat /proc/sys/kernel/random/boot_id", key=key)
-        check(vm, login.returncode == 0, f"{user}: key login failed: {login.stderr}")
-        check(vm, login.stdout.split() == [user, boot_id], f"{user}: {login.stdout!r}")
-    # a key that was given to nobody is refused
-    stranger = ssh(port, "root@127.0.0.1", "true", key=ec2_installed.user_key)
-    check(vm, stranger.returncode == 255, f"root accepted cosuser's key: {stranger.stdout!r}")

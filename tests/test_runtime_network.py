@@ -9,22 +9,23 @@ guest's port 22 forwarded from 127.0.0.1:
   none, and a second boot of a fresh copy has a different one;
 - a key logs in with the host's ssh client; password login is refused (the server offers
   publickey only, `sshd -T` says passwordauthentication no);
-- the second boot's network is the cloud-metadata variant (169.254.0.0/16, a guestfwd
-  for 169.254.169.254:80 to a server on the host's 127.0.0.1): the guest reaches that
-  server and nothing else of the host.
+- the second boot is an EC2 instance: its only way out is a guestfwd for
+  169.254.169.254:80 to an IMDSv2 server on the host's 127.0.0.1 (slirp moved to
+  169.254.0.0/16); the datasource takes the user-data (a `layout` adding COS_STATE and
+  COS_PERSISTENT, a user with an ssh key) and root's key from it with a token, never
+  with an IMDSv1 GET; both keys log in over SSH; the host itself is not reachable.
 
 The image checks (no host keys, the drop-in) read the built squashfs without booting."""
 from __future__ import annotations
 
-import http.server
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.qemu import VM, Drive, GuestForward, Network, free_port
+from tests.servers.imds import Ec2Imds
 from tests.test_boot import BOOT_TIMEOUT, artifact, check, require
 
 pytestmark = [pytest.mark.slow]
@@ -50,28 +51,34 @@ def fingerprint(pub_line: str, tmp: Path) -> str:
     return subprocess.run(["ssh-keygen", "-lf", f], capture_output=True, text=True, check=True).stdout.split()[1]
 
 
+EC2_USER_DATA = """\
+name: "From EC2 user-data"
+stages:
+  rootfs.after:
+    - name: "Repart image"
+      layout:
+        device: {{label: COS_RECOVERY}}
+        add_partitions:
+          - {{fsLabel: COS_STATE, size: 2048, pLabel: state}}
+          - {{fsLabel: COS_PERSISTENT, pLabel: persistent}}
+  boot:
+    - name: "Test user"
+      users:
+        cosuser:
+          groups: [users]
+          ssh_authorized_keys:
+            - "{key}"
+      files:
+        - path: /run/cos/from-ec2-user-data
+          content: "yes"
+"""
+
+
 @pytest.fixture
-def metadata_server() -> Iterator[tuple[int, list[str]]]:
-    """A plain HTTP server on 127.0.0.1 standing in for 169.254.169.254; records the paths."""
-    seen: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(self.path)
-            body = b"cos-metadata-ok\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1], seen
-    server.shutdown()
-    server.server_close()
+def imds() -> Iterator[Ec2Imds]:
+    server = Ec2Imds()
+    yield server
+    server.stop()
 
 
 def boot_on_network(disk: Path, name: str, network: Network, extra: list[Drive] | None = None) -> VM:
@@ -125,26 +132,26 @@ def test_image_has_no_host_keys_and_keys_only_ssh(flavor_build, flavor_paths, tm
 
 
 @pytest.mark.boot
-def test_dhcp_sshd_and_host_keys_made_per_machine(flavor_build, build_dir, tmp_path, metadata_server):
+def test_dhcp_sshd_and_host_keys_made_per_machine(flavor_build, build_dir, tmp_path, imds):
     raw = artifact(flavor_build, build_dir, "raw")
     key, pub = keypair(tmp_path)
-    md_port, md_seen = metadata_server
+    (tmp_path / "user").mkdir()
+    user_key, user_pub = keypair(tmp_path / "user")
+    imds_port = imds.start(user_data=EC2_USER_DATA.format(key=user_pub), public_keys={"cos-test": pub})
+    grown = tmp_path / "ec2.raw"  # room for the layout of the EC2 boot (a sparse copy)
+    subprocess.run(["cp", "--sparse=always", raw, grown], check=True)
+    subprocess.run(["truncate", "-s", "+4G", grown], check=True)
     served = []
     for n in (1, 2):  # each boot starts from the artifact as built: a fresh machine
         port = free_port()
-        metadata = [GuestForward("169.254.169.254", 80, md_port)] if n == 2 else []
-        vm = boot_on_network(raw, f"net-boot{n}", Network(hostfwd={port: 22}, guestfwd=metadata))
+        metadata = [GuestForward("169.254.169.254", 80, imds_port)] if n == 2 else []
+        vm = boot_on_network(raw if n == 1 else grown, f"net-boot{n}", Network(hostfwd={port: 22}, guestfwd=metadata))
         try:
             if n == 1:
                 check_network(vm)
             else:  # slirp moved to 169.254.0.0/16 so that the guestfwd address is its own
                 check_network(vm, "169.254.2.15/16")  # a /16 slirp leases x.x.2.15, host is x.x.2.2
-                got = vm.run("curl -sS --max-time 20 http://169.254.169.254/latest/meta-data/")
-                check(vm, got == "cos-metadata-ok" and md_seen == ["/latest/meta-data/"], f"{got!r} {md_seen}")
-                # restrict=on: the host itself (slirp's 169.254.2.2) is not reachable, only the forward
-                other = vm.run(f"curl -sS --max-time 10 http://169.254.2.2:{md_port}/", check=False)
-                check(vm, "cos-metadata-ok" not in other and md_seen == ["/latest/meta-data/"],
-                      f"the guest reached the host's server directly: {other!r}")
+                check_ec2_instance(vm, imds, imds_port)
             check(vm, vm.run("systemctl is-active cos-ssh-keygen.service") == "active", "keygen unit not run")
             guest = fingerprint(vm.run("cat /etc/ssh/ssh_host_ed25519_key.pub"), tmp_path)
             served.append(served_host_key(port, tmp_path))
@@ -155,15 +162,36 @@ def test_dhcp_sshd_and_host_keys_made_per_machine(flavor_build, build_dir, tmp_p
                           "-o", "PreferredAuthentications=password,keyboard-interactive", "root@127.0.0.1", "true")
             check(vm, refused.returncode == 255 and "Permission denied (publickey)" in refused.stderr,
                   f"password login not refused as expected: {refused.returncode} {refused.stderr!r}")
-            if n == 1:  # the server takes a key (authorized here by hand; from user-data: the next test)
+            if n == 1:  # a key authorized by hand; on the EC2 boot they come from the metadata
                 vm.run(f"install -d -m 0700 /root/.ssh && echo '{pub}' > /root/.ssh/authorized_keys"
                        " && chmod 0600 /root/.ssh/authorized_keys")
-                login = ssh(port, "root@127.0.0.1", "id -un; cat /proc/sys/kernel/random/boot_id", key=key)
-                check(vm, login.returncode == 0, f"key login failed: {login.stderr}")
-                check(vm, login.stdout.split()[1] == vm.run("cat /proc/sys/kernel/random/boot_id"),
-                      "ssh reached another machine")
-                check(vm, login.stdout.split()[0] == "root", login.stdout)
+                logins = [("root", key)]
+            else:
+                logins = [("root", key), ("cosuser", user_key)]
+            boot_id = vm.run("cat /proc/sys/kernel/random/boot_id")
+            for user, k in logins:
+                login = ssh(port, f"{user}@127.0.0.1", "id -un; cat /proc/sys/kernel/random/boot_id", key=k)
+                check(vm, login.returncode == 0, f"{user}: key login failed: {login.stderr}")
+                check(vm, login.stdout.split() == [user, boot_id], f"{user}: ssh reached {login.stdout!r}")
+            if n == 2:  # a key given to nobody else is refused
+                stranger = ssh(port, "root@127.0.0.1", "true", key=user_key)
+                check(vm, stranger.returncode == 255, f"root accepted cosuser's key: {stranger.stdout!r}")
             vm.poweroff()
         finally:
             vm.stop()
     assert served[0] != served[1], "two fresh machines of the image have the same SSH host key"
+
+
+def check_ec2_instance(vm: VM, imds: Ec2Imds, imds_port: int) -> None:
+    """The EC2 boot: user-data and keys came over IMDSv2 only, and were applied."""
+    vm.run("test \"$(cat /run/cos/from-ec2-user-data)\" = yes")
+    vm.run("udevadm settle --timeout=60")
+    labels = vm.run("lsblk -n -r -o LABEL /dev/vda").split()
+    check(vm, {"COS_STATE", "COS_PERSISTENT"} <= set(labels), f"the EC2 user-data's layout did not run: {labels}")
+    fetched = [r for r in imds.requests if r.method == "GET" and r.path == "/latest/user-data"]
+    assert fetched, f"user-data was never asked for: {[(r.method, r.path) for r in imds.requests]}"
+    assert imds.v1_refused == 0, "the datasource sent a GET without an IMDSv2 token"
+    # restrict=on: the host itself (slirp's 169.254.2.2) is not reachable, only the forward
+    before = len(imds.requests)
+    other = vm.run(f"curl -sS --max-time 10 http://169.254.2.2:{imds_port}/latest/meta-data/ 2>&1", check=False)
+    check(vm, len(imds.requests) == before, f"the guest reached the host's server directly: {other!r}")
