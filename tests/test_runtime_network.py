@@ -184,7 +184,14 @@ def test_dhcp_sshd_and_host_keys_made_per_machine(flavor_build, build_dir, tmp_p
 
 def check_ec2_instance(vm: VM, imds: Ec2Imds, imds_port: int) -> None:
     """The EC2 boot: user-data and keys came over IMDSv2 only, and were applied."""
-    vm.run("test \"$(cat /run/cos/from-ec2-user-data)\" = yes")
+    # the network stage (where network datasources are asked) runs after the login prompt
+    state = vm.run("timeout 600 sh -c 'until systemctl show -P ActiveState cos-setup-network.service"
+                   " | grep -qE \"^(active|failed)$\"; do sleep 2; done';"
+                   " systemctl show -P ActiveState cos-setup-network.service", timeout=630)
+    logs = vm.run("tail -n 40 /run/cos/setup-*.log; journalctl -b -u cos-setup-network -n 40 --no-pager", check=False)
+    check(vm, state == "active", f"the network stage ended {state}:\n{logs}")
+    check(vm, vm.run("cat /run/cos/from-ec2-user-data 2>&1", check=False) == "yes",
+          f"the EC2 user-data was not applied:\n{logs}")
     vm.run("udevadm settle --timeout=60")
     labels = vm.run("lsblk -n -r -o LABEL /dev/vda").split()
     check(vm, {"COS_STATE", "COS_PERSISTENT"} <= set(labels), f"the EC2 user-data's layout did not run: {labels}")
