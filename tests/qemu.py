@@ -5,7 +5,9 @@ wait for the login prompt, log in as root/cos, run commands (each one's exit cod
 comes back on a marker line), power off. Every failure raises AssertionError with
 the last serial lines, so the reason of a failed boot is in the test report.
 Disks are opened with snapshot=on: a boot never changes the artifact (the raw disk's
-grubenv must still say next_entry=recovery for the next test).
+grubenv must still say next_entry=recovery for the next test). The QEMU command line
+comes from pipeline/vm.py (shared with `./dev run`): extra drives, NVMe / virtio-scsi
+media, a NoCloud cidata ISO, restricted user networking with hostfwd/guestfwd.
 """
 from __future__ import annotations
 
@@ -20,33 +22,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
-QEMU = "qemu-system-x86_64"
+from pipeline.vm import (OVMF_VARS, Drive, GuestForward, Machine, Network, cidata_iso, free_port,
+                         missing_tools, qemu_command)
+
+__all__ = ["VM", "Drive", "GuestForward", "Network", "cidata_iso", "free_port", "missing_tools"]
+
 TAIL_LINES = 60
 BOOT_FAILED = (r"grub> |grub rescue> |Entering emergency mode|Kernel panic|"
                r"dracut: FATAL|Boot Failed|No bootable device|Give root password")
 PROMPT = re.compile(r"^\S+@\S+:\S*[#$] *$")  # a bare shell prompt line
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-B]|\r")
-
-
-def missing_tools(firmware: str) -> list[str]:
-    """What this machine lacks to boot with `firmware` ('uefi' or 'bios')."""
-    missing = [] if shutil.which(QEMU) else [f"{QEMU} (apt-get install qemu-system-x86)"]
-    if firmware == "uefi" and not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
-        missing.append(f"{OVMF_CODE} (apt-get install ovmf)")
-    if firmware == "bios" and not SEABIOS.is_file():
-        missing.append(f"{SEABIOS} (apt-get install seabios)")
-    return missing
-
-
-@dataclass
-class Drive:
-    path: Path
-    media: str = "disk"     # disk (virtio) | cdrom (AHCI CD-ROM) | usb (usb-storage)
-    format: str = "raw"
-    snapshot: bool = True   # writes go to a temporary overlay, the artifact is never changed
 
 
 @dataclass
@@ -55,6 +40,9 @@ class VM:
     firmware: str = "uefi"  # uefi (OVMF) | bios (SeaBIOS)
     memory_mib: int = 2048
     name: str = "vm"
+    extra: list[Drive] = field(default_factory=list)  # more disks / CD-ROMs (e.g. a cidata_iso)
+    network: Network | None = None                    # None: no NIC
+    reboot: bool = False                              # False: QEMU exits when the guest reboots
     proc: subprocess.Popen | None = None
     started: float = 0.0
     login_seconds: float | None = None
@@ -65,36 +53,21 @@ class VM:
     _ids = itertools.count(1)
 
     # ---- lifecycle ----
-    def command(self, vars_file: Path | None) -> list[str]:
-        cmd = [QEMU, "-accel", "tcg", "-machine", "q35", "-m", str(self.memory_mib), "-smp", "2",
-               "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
-               "-nic", "none"]
-        if self.firmware == "uefi":
-            cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-                    "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"]
-        else:
-            cmd += ["-bios", str(SEABIOS)]
-        d = self.drive
-        snap = "on" if d.snapshot else "off"
-        if d.media == "cdrom":
-            cmd += ["-drive", f"if=none,id=boot0,file={d.path},format={d.format},media=cdrom,readonly=on",
-                    "-device", "ide-cd,drive=boot0,bootindex=0"]
-        elif d.media == "usb":
-            cmd += ["-device", "qemu-xhci,id=xhci",
-                    "-drive", f"if=none,id=boot0,file={d.path},format={d.format},snapshot={snap}",
-                    "-device", "usb-storage,bus=xhci.0,drive=boot0,removable=on,bootindex=0"]
-        else:
-            cmd += ["-drive", f"if=none,id=boot0,file={d.path},format={d.format},snapshot={snap}",
-                    "-device", "virtio-blk-pci,drive=boot0,bootindex=0"]
-        return cmd
+    def machine(self) -> Machine:
+        return Machine([self.drive, *self.extra], firmware=self.firmware, memory_mib=self.memory_mib,
+                       network=self.network, reboot=self.reboot)
 
-    def start(self) -> "VM":
+    def command(self, vars_file: Path | None) -> list[str]:
+        return qemu_command(self.machine(), vars_file)
+
+    def start(self, cmd: list[str] | None = None) -> "VM":
+        """Start QEMU (or `cmd`, a command that runs QEMU on its stdio, e.g. ./dev run)."""
         self._tmp = tempfile.TemporaryDirectory(prefix=f"qemu-{self.name}-")
         vars_file = None
         if self.firmware == "uefi":  # OVMF writes its variables: a private copy per boot
             vars_file = Path(self._tmp.name) / "OVMF_VARS.fd"
             shutil.copyfile(OVMF_VARS, vars_file)
-        cmd = self.command(vars_file)
+        cmd = cmd or self.command(vars_file)
         print(f"[{self.name}] $ {' '.join(cmd)}", flush=True)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -25,6 +25,15 @@ NEEDS = {  # what booting needs, by distro naming
     "orange": ["linux-image-generic", "dracut", "dracut-live", "grub-efi-amd64-bin", "grub-pc-bin", "systemd"],
     "red": ["linux-image-amd64", "dracut", "dracut-live", "grub-efi-amd64-bin", "grub-pc-bin", "systemd-sysv"],
 }
+# the runtime (cos-setup, cos-deploy) runs on the distro's python >= 3.11 and PyYAML
+# (openSUSE Leap's python3 is 3.6, so green installs python311); `layout` needs sgdisk
+# and sfdisk (Debian/Ubuntu: sfdisk is in fdisk; Fedora/openSUSE: in util-linux)
+NEEDS_RUNTIME = {
+    "green": ["python311", "python311-PyYAML", "gptfdisk", "util-linux"],
+    "blue": ["python3", "python3-pyyaml", "gdisk", "util-linux"],
+    "orange": ["python3", "python3-yaml", "gdisk", "fdisk"],
+    "red": ["python3", "python3-yaml", "gdisk", "fdisk"],
+}
 ARG_RE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -76,7 +85,7 @@ def test_dockerfile_references_only_what_exists(name):
 def test_dockerfile_installs_what_booting_needs(name):
     _, structure = _parse(name)
     installed = " ".join(i["value"] for i in structure if i["instruction"] == "RUN").split()
-    missing = [p for p in NEEDS[name] if p not in installed]
+    missing = [p for p in NEEDS[name] + NEEDS_RUNTIME[name] if p not in installed]
     assert not missing, f"{name} does not install {missing}"
     runs = [i["value"] for i in structure if i["instruction"] == "RUN"]
     assert any("/usr/lib/cos/setup-image" in r for r in runs)
