@@ -22,8 +22,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.vm import (OVMF_VARS, Drive, GuestForward, Machine, Network, cidata_iso, free_port,
-                         missing_tools, qemu_command)
+from pipeline.vm import (
+    OVMF_VARS,
+    Drive,
+    GuestForward,
+    Machine,
+    Network,
+    cidata_iso,
+    free_port,
+    missing_tools,
+    qemu_command,
+)
 
 __all__ = ["VM", "Drive", "GuestForward", "Network", "cidata_iso", "free_port", "missing_tools"]
 

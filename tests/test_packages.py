@@ -5,7 +5,6 @@ byte-code caches, bad `ship:` entries fail with one line naming the file; the ru
 launchers run the shipped package on a python >= 3.11 and say so when there is none."""
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
