@@ -34,7 +34,7 @@ from pipeline.vm import (
     qemu_command,
 )
 
-__all__ = ["VM", "Drive", "GuestForward", "Network", "cidata_iso", "free_port", "missing_tools"]
+__all__ = ["VM", "Drive", "GuestForward", "Network", "cidata_iso", "free_port", "grown_copy", "missing_tools"]
 
 TAIL_LINES = 60
 BOOT_FAILED = (r"grub> |grub rescue> |Entering emergency mode|Kernel panic|"
@@ -141,6 +141,16 @@ class VM:
                 raise self.fail(f"timed out after {timeout:.0f} s waiting for {pattern!r}")
             time.sleep(0.2)
 
+    def boot(self, timeout: float = 300) -> "VM":
+        """start() and login(); QEMU is stopped when the boot does not reach a shell."""
+        self.start()
+        try:
+            self.login(timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     # ---- session ----
     def login(self, user: str = "root", password: str = "cos", timeout: float = 300) -> float:
         """Wait for the login prompt, log in; return seconds from QEMU start to the prompt."""
@@ -175,3 +185,11 @@ class VM:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise self.fail(f"did not power off within {timeout} s") from None
+
+
+def grown_copy(raw: Path, dest: Path, size: str) -> Path:
+    """A sparse copy of a disk image, grown to `size` (truncate's syntax: "24G", "+4G"),
+    so that a boot test's `layout` has room and the artifact stays as built."""
+    subprocess.run(["cp", "--sparse=always", raw, dest], check=True)
+    subprocess.run(["truncate", "-s", size, dest], check=True)
+    return dest

@@ -42,13 +42,7 @@ def require(firmware: str) -> None:
 
 def boot(drive: Drive, firmware: str, name: str) -> VM:
     require(firmware)
-    vm = VM(drive, firmware=firmware, name=name).start()
-    try:
-        vm.login(timeout=BOOT_TIMEOUT)
-    except BaseException:
-        vm.stop()
-        raise
-    return vm
+    return VM(drive, firmware=firmware, name=name).boot(BOOT_TIMEOUT)
 
 
 @pytest.mark.boot

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.qemu import VM, Drive, cidata_iso
+from tests.qemu import VM, Drive, cidata_iso, grown_copy
 from tests.test_boot import artifact, require
 
 pytestmark = [pytest.mark.slow, pytest.mark.boot]
@@ -91,20 +91,11 @@ class Disk:
 def make_disk(raw: Path, work: Path, user_data: str) -> Disk:
     """A sparse copy of the vanilla disk grown to DISK_SIZE, and its NoCloud seed."""
     work.mkdir(parents=True, exist_ok=True)
-    disk = work / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", raw, disk], check=True)
-    subprocess.run(["truncate", "-s", DISK_SIZE, disk], check=True)
-    return Disk(disk, cidata_iso(work, user_data))
+    return Disk(grown_copy(raw, work / "disk.raw", DISK_SIZE), cidata_iso(work, user_data))
 
 
 def boot(disk: Disk, name: str) -> VM:
-    vm = disk.vm(name).start()
-    try:
-        vm.login(timeout=BOOT_TIMEOUT)
-    except BaseException:
-        vm.stop()
-        raise
-    return vm
+    return disk.vm(name).boot(BOOT_TIMEOUT)
 
 
 def reboot(vm: VM, disk: Disk, name: str) -> VM:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.qemu import VM, Drive, GuestForward, Network, free_port
+from tests.qemu import VM, Drive, GuestForward, Network, free_port, grown_copy
 from tests.servers.imds import Ec2Imds
 from tests.test_boot import BOOT_TIMEOUT, artifact, check, require
 
@@ -83,9 +83,8 @@ def imds() -> Iterator[Ec2Imds]:
 
 def boot_on_network(disk: Path, name: str, network: Network, extra: list[Drive] | None = None) -> VM:
     require("uefi")
-    vm = VM(Drive(disk), name=name, network=network, extra=extra or []).start()
+    vm = VM(Drive(disk), name=name, network=network, extra=extra or []).boot(BOOT_TIMEOUT)
     try:
-        vm.login(timeout=BOOT_TIMEOUT)
         vm.run(f"timeout {WAIT} /usr/lib/systemd/systemd-networkd-wait-online --any", timeout=WAIT + 30)
         vm.run(f"timeout {WAIT} sh -c 'until systemctl -q is-active ssh.service; do sleep 1; done'",
                timeout=WAIT + 30)
@@ -138,9 +137,7 @@ def test_dhcp_sshd_and_host_keys_made_per_machine(flavor_build, build_dir, tmp_p
     (tmp_path / "user").mkdir()
     user_key, user_pub = keypair(tmp_path / "user")
     imds_port = imds.start(user_data=EC2_USER_DATA.format(key=user_pub), public_keys={"cos-test": pub})
-    grown = tmp_path / "ec2.raw"  # room for the layout of the EC2 boot (a sparse copy)
-    subprocess.run(["cp", "--sparse=always", raw, grown], check=True)
-    subprocess.run(["truncate", "-s", "+4G", grown], check=True)
+    grown = grown_copy(raw, tmp_path / "ec2.raw", "+4G")  # room for the EC2 boot's layout
     served = []
     for n in (1, 2):  # each boot starts from the artifact as built: a fresh machine
         port = free_port()
