@@ -128,9 +128,10 @@ class Ec2Imds(MetadataServer):
 
     @property
     def v1_refused(self) -> int:
-        """GETs refused for lack of a token (what an IMDSv1 client would get)."""
-        return sum(1 for r in self.requests if r.method == "GET" and r.headers.get("x-aws-ec2-metadata-token")
-                   not in self.tokens)
+        """GETs of EC2 paths refused for lack of a token (what an IMDSv1 client would get).
+        Only /latest/: the GCE and Azure probes ask the same address for their own paths."""
+        return sum(1 for r in self.requests if r.method == "GET" and r.path.startswith("/latest/")
+                   and r.headers.get("x-aws-ec2-metadata-token") not in self.tokens)
 
     def handle(self, req: Request) -> Answer:
         if req.method == "PUT" and req.path == "/latest/api/token":
