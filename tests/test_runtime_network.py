@@ -9,22 +9,25 @@ guest's port 22 forwarded from 127.0.0.1:
   none, and a second boot of a fresh copy has a different one;
 - a key logs in with the host's ssh client; password login is refused (the server offers
   publickey only, `sshd -T` says passwordauthentication no);
-- the second boot is an EC2 instance: its only way out is a guestfwd for
-  169.254.169.254:80 to an IMDSv2 server on the host's 127.0.0.1 (slirp moved to
-  169.254.0.0/16); the datasource takes the user-data (a `layout` adding COS_STATE and
-  COS_PERSISTENT, a user with an ssh key) and root's key from it with a token, never
-  with an IMDSv1 GET; both keys log in over SSH; the host itself is not reachable.
+- the second machine is an EC2 instance on an NVMe disk (as on Nitro): its only way out
+  is a guestfwd for 169.254.169.254:80 to an IMDSv2 server on the host's 127.0.0.1
+  (slirp moved to 169.254.0.0/16). Its first boot (recovery) takes the user-data from the
+  datasource with a token, never with an IMDSv1 GET: a `layout` adding COS_STATE and
+  COS_PERSISTENT, then `cos-deploy && reboot`. The second boot is the deployed system
+  (active.img, read-only /); there the user-data's user and root's key from IMDS are
+  applied again, both keys log in over SSH, and the host itself is not reachable.
 
 The image checks (no host keys, the drop-in) read the built squashfs without booting."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.qemu import VM, Drive, GuestForward, Network, free_port, grown_copy
+from tests.qemu import BOOT_FAILED, VM, Drive, GuestForward, Network, free_port, grown_copy
 from tests.servers.imds import Ec2Imds
 from tests.test_boot import BOOT_TIMEOUT, artifact, check, require
 
@@ -32,6 +35,7 @@ pytestmark = [pytest.mark.slow]
 SSH_BASE = ["ssh", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "ConnectTimeout=30", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
 WAIT = 180  # s for DHCP / sshd after the login prompt (TCG on a busy 2-core host)
+DEPLOY_TIMEOUT = 1500  # s from recovery's login prompt to the reboot after cos-deploy
 
 
 def keypair(directory: Path) -> tuple[Path, str]:
@@ -59,8 +63,13 @@ stages:
       layout:
         device: {{label: COS_RECOVERY}}
         add_partitions:
-          - {{fsLabel: COS_STATE, size: 2048, pLabel: state}}
+          - {{fsLabel: COS_STATE, size: 4096, pLabel: state}}
           - {{fsLabel: COS_PERSISTENT, pLabel: persistent}}
+  network:
+    - if: '[ -f "/run/cos/recovery_mode" ]'
+      name: "Deploy"
+      commands:
+        - cos-deploy --no-verify --no-cosign && shutdown -r now
   boot:
     - name: "Test user"
       users:
@@ -81,9 +90,9 @@ def imds() -> Iterator[Ec2Imds]:
     server.stop()
 
 
-def boot_on_network(disk: Path, name: str, network: Network, extra: list[Drive] | None = None) -> VM:
+def boot_on_network(drive: Drive, name: str, network: Network) -> VM:
     require("uefi")
-    vm = VM(Drive(disk), name=name, network=network, extra=extra or []).boot(BOOT_TIMEOUT)
+    vm = VM(drive, name=name, network=network).boot(BOOT_TIMEOUT)
     try:
         vm.run(f"timeout {WAIT} /usr/lib/systemd/systemd-networkd-wait-online --any", timeout=WAIT + 30)
         vm.run(f"timeout {WAIT} sh -c 'until systemctl -q is-active ssh.service; do sleep 1; done'",
@@ -137,17 +146,23 @@ def test_dhcp_sshd_and_host_keys_made_per_machine(flavor_build, build_dir, tmp_p
     (tmp_path / "user").mkdir()
     user_key, user_pub = keypair(tmp_path / "user")
     imds_port = imds.start(user_data=EC2_USER_DATA.format(key=user_pub), public_keys={"cos-test": pub})
-    grown = grown_copy(raw, tmp_path / "ec2.raw", "+4G")  # room for the EC2 boot's layout
+    # the EC2 machine: room for the layout (4 GiB COS_STATE: active + passive + a transition)
+    ec2_disk = Drive(grown_copy(raw, tmp_path / "ec2.raw", "+6G"), media="nvme", snapshot=False)
+    metadata = [GuestForward("169.254.169.254", 80, imds_port)]
     served = []
-    for n in (1, 2):  # each boot starts from the artifact as built: a fresh machine
+    for n in (1, 2):  # each machine starts from the artifact as built: a fresh machine
         port = free_port()
-        metadata = [GuestForward("169.254.169.254", 80, imds_port)] if n == 2 else []
-        vm = boot_on_network(raw if n == 1 else grown, f"net-boot{n}", Network(hostfwd={port: 22}, guestfwd=metadata))
+        if n == 1:
+            vm = boot_on_network(Drive(raw), "net-boot1", Network(hostfwd={port: 22}))
+        else:
+            deploy_from_ec2_user_data(ec2_disk, metadata)
+            vm = boot_on_network(ec2_disk, "ec2-deployed", Network(hostfwd={port: 22}, guestfwd=metadata))
         try:
             if n == 1:
                 check_network(vm)
             else:  # slirp moved to 169.254.0.0/16 so that the guestfwd address is its own
                 check_network(vm, "169.254.2.15/16")  # a /16 slirp leases x.x.2.15, host is x.x.2.2
+                check_deployed(vm)
                 check_ec2_instance(vm, imds, imds_port)
             check(vm, vm.run("systemctl is-active cos-ssh-keygen.service") == "active", "keygen unit not run")
             guest = fingerprint(vm.run("cat /etc/ssh/ssh_host_ed25519_key.pub"), tmp_path)
@@ -179,6 +194,35 @@ def test_dhcp_sshd_and_host_keys_made_per_machine(flavor_build, build_dir, tmp_p
     assert served[0] != served[1], "two fresh machines of the image have the same SSH host key"
 
 
+def deploy_from_ec2_user_data(drive: Drive, metadata: list[GuestForward]) -> None:
+    """The instance's first boot (recovery): the network stage fetches the user-data, whose
+    layout runs late and whose network step deploys and reboots; QEMU (-no-reboot) exits."""
+    vm = VM(drive, name="ec2-deploy", network=Network(guestfwd=metadata)).start()
+    try:
+        vm.expect(r"login: |reboot: Restarting system", BOOT_TIMEOUT, fail_on=BOOT_FAILED)
+        assert vm.proc
+        vm.proc.wait(timeout=DEPLOY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise vm.fail(f"the EC2 user-data did not deploy and reboot within {DEPLOY_TIMEOUT} s") from None
+    finally:
+        vm.stop()
+    print(f"[ec2-deploy] recovery boot, IMDS user-data, layout and cos-deploy: "
+          f"{time.monotonic() - vm.started:.0f} s", flush=True)
+
+
+def check_deployed(vm: VM) -> None:
+    """The second boot runs the deployed system: active.img, read-only, from the NVMe disk."""
+    cmdline = vm.run("cat /proc/cmdline")
+    check(vm, "cos.mode=active" in cmdline, f"not the active system: {cmdline}")
+    check(vm, vm.run("blkid -s LABEL -o value $(findmnt -n -o SOURCE /)") == "COS_ACTIVE", "/ is not COS_ACTIVE")
+    check(vm, "ro" in vm.run("findmnt -n -o OPTIONS /").split(","), "/ is not mounted read-only")
+    check(vm, vm.run("findmnt -n -o FSTYPE /tmp") == "tmpfs", "/tmp is not a tmpfs on the read-only root")
+    failed = vm.run("systemctl list-units --failed --plain --no-legend --no-pager")
+    check(vm, failed == "", f"units failed on the deployed system:\n{failed}")
+    state = vm.run("blkid -L COS_STATE")
+    check(vm, state.startswith("/dev/nvme0n1p"), f"COS_STATE is {state}, not on the NVMe disk")
+
+
 def check_ec2_instance(vm: VM, imds: Ec2Imds, imds_port: int) -> None:
     """The EC2 boot: user-data and keys came over IMDSv2 only, and were applied."""
     # the network stage (where network datasources are asked) runs after the login prompt
@@ -190,7 +234,7 @@ def check_ec2_instance(vm: VM, imds: Ec2Imds, imds_port: int) -> None:
     check(vm, vm.run("cat /run/cos/from-ec2-user-data 2>&1", check=False) == "yes",
           f"the EC2 user-data was not applied:\n{logs}")
     vm.run("udevadm settle --timeout=60")
-    labels = vm.run("lsblk -n -r -o LABEL /dev/vda").split()
+    labels = vm.run("lsblk -n -r -o LABEL /dev/nvme0n1").split()
     check(vm, {"COS_STATE", "COS_PERSISTENT"} <= set(labels), f"the EC2 user-data's layout did not run: {labels}")
     fetched = [r for r in imds.requests if r.method == "GET" and r.path == "/latest/user-data"]
     assert fetched, f"user-data was never asked for: {[(r.method, r.path) for r in imds.requests]}"

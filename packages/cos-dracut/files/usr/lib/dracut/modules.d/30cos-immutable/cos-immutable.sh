@@ -124,6 +124,9 @@ do_mount() {
             mount_oem
             load_settings
             for p in $RW_PATHS; do overlay_path "$p"; done
+            # The image is read-only and Debian/Ubuntu mount nothing on /tmp: systemd builds
+            # PrivateDevices=/PrivateTmp= namespaces through it (resolved failed with EROFS).
+            mountpoint -q "$SYSROOT/tmp" || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$SYSROOT/tmp"
             if dev=$(find_label COS_PERSISTENT 0); then
                 mount -o rw "$dev" "$SYSROOT/usr/local"
                 for p in $PERSISTENT_STATE_PATHS; do bind_state "$p"; done
