@@ -1,0 +1,114 @@
+"""The Secure Boot chain (pipeline/bootchain.py) on the host, with real tools:
+GRUB's built-in prefix, modules and config are read out of a real GRUB EFI image; a chain
+that is missing from the image or not signed is refused with the fix named; the stub a
+signed GRUB reads is valid GRUB script. On the built flavor (slow, no QEMU): the chain
+copied out of its image is signed (shim, MokManager, GRUB, and the kernel), the ISO's
+and the disk's ESPs hold it, and the stub sits where that GRUB looks for its config."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline import artifacts, bootchain, efi
+from pipeline.errors import PipelineError
+from tests.synthetic import SDE, need_tools, run
+from tests.test_boot import artifact
+
+
+@pytest.fixture(scope="module")
+def host_grub(tmp_path_factory) -> Path:
+    """A GRUB EFI image as distros make theirs: built-in prefix, modules and config."""
+    need_tools("grub-mkimage")
+    out = tmp_path_factory.mktemp("grub") / "grubx64.efi"
+    cfg = out.with_suffix(".cfg")
+    cfg.write_text("normal (memdisk)/grub.cfg\n")
+    run("grub-mkimage", "-O", "x86_64-efi", "-d", str(efi.grub_dir(efi.EFI_TARGET)), "-p", "/EFI/testdistro",
+        "-c", cfg, "-o", out, *efi.EFI_MODULES)
+    return out
+
+
+def test_read_grub_finds_prefix_modules_and_config(host_grub):
+    info = bootchain.read_grub(host_grub.read_bytes(), "grubx64.efi")
+    assert info.prefix == "/EFI/testdistro"
+    assert set(efi.EFI_MODULES) <= info.modules and "extcmd" in info.modules  # dependencies too
+    assert info.config == "normal (memdisk)/grub.cfg\n"
+    bootchain.require_modules(info, "grubx64.efi")
+    with pytest.raises(PipelineError, match="lacks built-in modules luks2"):
+        bootchain.require_modules(info, "grubx64.efi", ("luks2", "linux"))
+    assert not bootchain.parse_pe(host_grub.read_bytes(), "grubx64.efi").signed
+
+
+def _squashfs(tmp_path: Path, files: dict[str, Path]) -> Path:
+    need_tools("mksquashfs", "rdsquashfs")
+    tree = tmp_path / "tree"
+    for inner, src in files.items():
+        (tree / inner).parent.mkdir(parents=True, exist_ok=True)
+        (tree / inner).write_bytes(src.read_bytes())
+    tree.mkdir(exist_ok=True)
+    out = tmp_path / "rootfs.squashfs"
+    subprocess.run(["mksquashfs", tree, out, "-quiet", "-noappend", "-no-progress", "-all-time", str(SDE),
+                    "-all-root"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def test_missing_chain_names_the_packages_and_the_opt_out(tmp_path):
+    sqfs = _squashfs(tmp_path, {})
+    with pytest.raises(PipelineError) as err:
+        bootchain.extract(sqfs, "debian", tmp_path)
+    assert "/usr/lib/shim/shimx64.efi.signed" in str(err.value)
+    assert "shim-signed grub-efi-amd64-signed" in err.value.hint and "secure_boot: false" in err.value.hint
+
+
+def test_unsigned_chain_is_refused(tmp_path, host_grub):
+    chain = bootchain.CHAINS["debian"]
+    sqfs = _squashfs(tmp_path, {p: host_grub for p in (chain.shim, chain.mok_manager, chain.grub)})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PipelineError, match="shimx64.efi.signed in rootfs.squashfs is not signed"):
+        bootchain.extract(sqfs, "debian", out)
+
+
+def test_stubs_are_valid_grub_script(tmp_path):
+    need_tools("grub-script-check")
+    for stub in (bootchain.stub_config("/etc/cos/grub.cfg", "COS_RECOVERY", "COS_STATE"),
+                 bootchain.stub_config("/boot/grub/grub.cfg", "COS_LIVE")):
+        (tmp_path / "stub.cfg").write_text(stub)
+        run("grub-script-check", tmp_path / "stub.cfg")
+        assert "insmod" not in stub
+
+
+# --- the built flavor: its real signed chain (no QEMU) ---------------------------------
+
+def _mcopy(image: str, inner: str, dest: Path) -> bytes:
+    run("mcopy", "-o", "-i", image, f"::{inner}", dest)
+    return dest.read_bytes()
+
+
+def _esp(image: Path) -> str:
+    """mtools' address of the ESP in a disk or hybrid ISO: its partition 2."""
+    parts = json.loads(run("sfdisk", "--json", image))["partitiontable"]["partitions"]
+    return f"{image}@@{parts[1]['start'] * 512}"
+
+
+@pytest.mark.slow
+def test_built_flavor_esps_carry_its_signed_chain(flavor_build, flavor_paths, build_dir, tmp_path):
+    inputs = artifacts.boot_inputs(flavor_paths)
+    assert inputs.secure_boot == flavor_paths.flavor.distro
+    assert bootchain.parse_pe(inputs.kernel.read_bytes(), "vmlinuz").signed  # the distro kernel, signed
+    for d in ("disk", "cd"):
+        (tmp_path / d).mkdir()
+    disk_chain = bootchain.extract(inputs.squashfs, inputs.secure_boot, tmp_path / "disk")
+    cd_chain = bootchain.extract(inputs.squashfs, inputs.secure_boot, tmp_path / "cd", cd=True)
+    esp = _esp(artifact(flavor_build, build_dir, "raw"))
+    for name, src in disk_chain.files.items():
+        assert _mcopy(esp, name, tmp_path / "x") == src.read_bytes(), name
+    stub = _mcopy(esp, disk_chain.config_path, tmp_path / "stub").decode()
+    assert "COS_STATE" in stub and "configfile ($root)/etc/cos/grub.cfg" in stub
+    assert _mcopy(esp, bootchain.STUB_ESP, tmp_path / "stub2").decode() == stub
+    iso_esp = _esp(artifact(flavor_build, build_dir, "iso"))  # the ISO's appended ESP: shim + CD GRUB
+    for name, src in cd_chain.files.items():
+        assert _mcopy(iso_esp, name, tmp_path / "y") == src.read_bytes(), name
+    assert "COS_LIVE" in _mcopy(iso_esp, cd_chain.config_path, tmp_path / "s").decode()
