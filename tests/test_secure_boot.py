@@ -112,3 +112,17 @@ def test_built_flavor_esps_carry_its_signed_chain(flavor_build, flavor_paths, bu
     for name, src in cd_chain.files.items():
         assert _mcopy(iso_esp, name, tmp_path / "y") == src.read_bytes(), name
     assert "COS_LIVE" in _mcopy(iso_esp, cd_chain.config_path, tmp_path / "s").decode()
+
+
+def test_secure_boot_firmware_command_line():
+    """uefi-sb: the SMM OVMF with Microsoft's keys, SMM on, secured flash, S3 off."""
+    from pipeline import vm
+    cmd = vm.qemu_command(vm.Machine([vm.Drive(Path("disk.raw"))], firmware="uefi-sb"), Path("vars.fd"))
+    joined = " ".join(cmd)
+    assert "-machine q35,smm=on" in joined
+    assert "-global driver=cfi.pflash01,property=secure,value=on" in joined
+    assert "-global ICH9-LPC.disable_s3=1" in joined
+    assert f"readonly=on,file={vm.OVMF_SB_CODE}" in joined and vm.OVMF_SB_CODE.name == "OVMF_CODE_4M.ms.fd"
+    assert vm.ovmf("uefi-sb") == (vm.OVMF_SB_CODE, vm.OVMF_SB_VARS)
+    plain = " ".join(vm.qemu_command(vm.Machine([vm.Drive(Path("disk.raw"))]), Path("vars.fd")))
+    assert "smm=on" not in plain and "secure,value=on" not in plain
