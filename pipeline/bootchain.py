@@ -40,11 +40,14 @@ _DEBIAN = Chain("shim-signed grub-efi-amd64-signed",
                 "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
                 "usr/lib/grub/x86_64-efi-signed/gcdx64.efi.signed")
 
-# One row per distro. Debian's paths are checked here against the packages (and by the red
-# build); Ubuntu ships Debian's packaging; openSUSE's and Fedora's from their package file lists.
+# One row per distro. Debian's paths are checked against its packages (and by the red build);
+# Ubuntu's shim-signed ships shimx64.efi.signed.latest and its shim package a signed
+# mmx64.efi; openSUSE's from its shim-install (source_dir /usr/share/efi/<arch>); Fedora's
+# from the shim-x64 / grub2-efi-x64 file lists. All are checked again at build time.
 CHAINS: dict[str, Chain] = {
     "debian": _DEBIAN,
-    "ubuntu": _DEBIAN,
+    "ubuntu": Chain(_DEBIAN.package_hint, "usr/lib/shim/shimx64.efi.signed.latest", "usr/lib/shim/mmx64.efi",
+                    _DEBIAN.grub, _DEBIAN.grub_cd),
     "opensuse": Chain("shim grub2-x86_64-efi", "usr/share/efi/x86_64/shim.efi",
                       "usr/share/efi/x86_64/MokManager.efi", "usr/share/efi/x86_64/grub.efi", None,
                       loader_name="grub.efi", mok_name="MokManager.efi"),
