@@ -118,12 +118,30 @@ def test_raw_disk_boots_recovery_first(flavor_build, build_dir, firmware):
         vm.stop()
 
 
+def add_empty_state(disk: Path, label: str = "COS_STATE", mib: int = 64) -> None:
+    """Give the disk a COS_STATE as a `layout` would before any deploy: an empty ext4
+    (no /etc/cos/grub.cfg, no /cOS/active.img), made as a file and put in place; no mounts."""
+    subprocess.run(["truncate", "-s", f"+{mib + 2}M", disk], check=True)
+    subprocess.run(["sgdisk", "-e", "--new=0:0:0", "--typecode=0:8300", "--change-name=0:state", disk],
+                   check=True, capture_output=True)
+    part = json.loads(subprocess.run(["sfdisk", "--json", disk], capture_output=True, text=True,
+                                     check=True).stdout)["partitiontable"]["partitions"][-1]
+    fs = disk.with_name("state.img")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, fs, f"{part['size'] // 2048}M"], check=True)
+    subprocess.run(["dd", f"if={fs}", f"of={disk}", "bs=512", f"seek={part['start']}", "conv=notrunc,sparse",
+                    "status=none"], check=True)
+    fs.unlink()
+
+
 @pytest.mark.boot
 def test_raw_disk_second_boot_falls_back_to_recovery(flavor_build, build_dir, tmp_path):
-    """The first boot clears next_entry in COS_OEM's grubenv; with no COS_STATE yet, the
-    second boot's default entry (cos) fails and GRUB falls back to recovery."""
+    """The first boot clears next_entry in COS_OEM's grubenv; with no deployed COS_STATE
+    yet, the second boot's default entry (cos) fails and GRUB falls back to recovery.
+    The disk has a COS_STATE laid out but never deployed (no menu on it): GRUB's stub must
+    still take COS_RECOVERY's menu (searching by label alone stopped at grub> there)."""
     disk_copy = tmp_path / "disk.raw"
     subprocess.run(["cp", "--sparse=always", artifact(flavor_build, build_dir, "raw"), disk_copy], check=True)
+    add_empty_state(disk_copy)
     for n in (1, 2):
         vm = boot(Drive(disk_copy, snapshot=False), "uefi", f"raw-boot{n}")
         try:
