@@ -126,3 +126,31 @@ def test_secure_boot_firmware_command_line():
     assert vm.ovmf("uefi-sb") == (vm.OVMF_SB_CODE, vm.OVMF_SB_VARS)
     plain = " ".join(vm.qemu_command(vm.Machine([vm.Drive(Path("disk.raw"))]), Path("vars.fd")))
     assert "smm=on" not in plain and "secure,value=on" not in plain
+
+
+def test_secure_boot_is_on_by_default_and_strict():
+    from pydantic import ValidationError
+
+    from pipeline.config import BootOptions
+    assert BootOptions(live_label="COS_LIVE", cmdline="quiet").secure_boot is True
+    assert BootOptions(live_label="COS_LIVE", cmdline="quiet", secure_boot=False).secure_boot is False
+    with pytest.raises(ValidationError):
+        BootOptions(live_label="COS_LIVE", cmdline="quiet", secure_boot="yes")  # type: ignore[arg-type]
+
+
+def test_opt_out_builds_todays_unsigned_esp(tmp_path):
+    """boot.secure_boot false: BootInputs.secure_boot None, the ESP holds the host-made
+    GRUB as BOOTX64.EFI and the stub, no shim."""
+    from pipeline import disk
+    from pipeline.config import DiskLayout, Partition
+    from tests.synthetic import make_inputs
+    need_tools("grub-mkimage", "mksquashfs", "rdsquashfs")
+    inputs = make_inputs(tmp_path)
+    assert inputs.secure_boot is None
+    layout = DiskLayout(bios_boot_mib=1, efi=Partition(label="COS_GRUB", size_mib=8),
+                        oem=Partition(label="COS_OEM", size_mib=8), recovery=Partition(label="COS_RECOVERY", size_mib=24),
+                        state=Partition(label="COS_STATE", size_mib=100), persistent=Partition(label="COS_PERSISTENT", size_mib=0))
+    files = disk.esp_files(inputs, layout, tmp_path)
+    assert sorted(files) == [bootchain.SHIM_ESP, bootchain.STUB_ESP]
+    assert b"configfile ($root)/EFI/BOOT/grub.cfg" in files[bootchain.SHIM_ESP].read_bytes()
+    assert not bootchain.parse_pe(files[bootchain.SHIM_ESP].read_bytes(), "BOOTX64.EFI").signed
