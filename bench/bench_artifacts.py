@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import artifacts, config, disk, efi, files, formats, iso  # noqa: E402
+from pipeline import artifacts, bootchain, config, disk, efi, files, formats, iso  # noqa: E402
 from pipeline.config import FlavorContext, FlavorPaths, load_flavor  # noqa: E402
 
 TARGET = 1.10
@@ -57,19 +57,45 @@ def scratch_build(paths: FlavorPaths, scratch: Path) -> FlavorPaths:
     return FlavorPaths(paths.flavor)
 
 
+def by_hand_esp(inp: artifacts.BootInputs, esp: str, stub: str, *, cd: bool) -> str:
+    """The ESP's EFI files by hand: with Secure Boot the distro's signed chain copied out of
+    the squashfs plus the stub at its GRUB's prefix; without, the host's unsigned GRUB."""
+    if not inp.secure_boot:
+        return (f"grub-mkimage -O x86_64-efi -d {efi.GRUB_LIB}/x86_64-efi -c early.cfg -p /boot/grub "
+                f"-o BOOTX64.EFI {' '.join(efi.EFI_MODULES)}\n"
+                f"mmd -i {esp} ::/EFI ::/EFI/BOOT; mcopy -i {esp} BOOTX64.EFI ::/EFI/BOOT/BOOTX64.EFI")
+    chain = bootchain.CHAINS[inp.secure_boot]
+    grub = chain.grub_cd if cd and chain.grub_cd else chain.grub
+    prefix = "/boot/grub" if cd else "/EFI/debian"  # Debian's (red's) built-in prefixes
+    return "\n".join([
+        f"rdsquashfs -c /{chain.shim} {inp.squashfs} > shim.efi",
+        f"rdsquashfs -c /{chain.mok_manager} {inp.squashfs} > mm.efi",
+        f"rdsquashfs -c /{grub} {inp.squashfs} > grub.efi",
+        f"printf '{stub}' > stub.cfg",
+        f"mmd -i {esp} ::/EFI ::/EFI/BOOT {' '.join(f'::{d}' for d in _parents(prefix))}",
+        f"mcopy -i {esp} shim.efi ::/EFI/BOOT/BOOTX64.EFI; mcopy -i {esp} mm.efi ::/EFI/BOOT/{chain.mok_name}",
+        f"mcopy -i {esp} grub.efi ::/EFI/BOOT/{chain.loader_name}; mcopy -i {esp} stub.cfg ::{prefix}/grub.cfg",
+        f"mcopy -i {esp} stub.cfg ::/EFI/BOOT/grub.cfg"])
+
+
+def _parents(path: str) -> list[str]:
+    parts = Path(path).parts[1:]
+    return [p for p in ("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)) if p not in ("/EFI",)]
+
+
 def by_hand_iso(inp: artifacts.BootInputs, flavor, out: Path, work: Path) -> str:
     grub, label = efi.GRUB_LIB, flavor.boot.live_label
     mods = " ".join(efi.BIOS_MODULES)
-    emods = " ".join(efi.EFI_MODULES)
     cmdline = iso.live_cmdline(label, flavor.boot.cmdline)
+    esp = by_hand_esp(inp, "esp.img", "search --label --set=root " + label + "\\nconfigfile ($root)/boot/grub/grub.cfg\\n",
+                      cd=True)
     return f"""
 cd {work}
 printf 'search --no-floppy --label --set=root {label}\\nconfigfile ($root)/boot/grub/grub.cfg\\n' > early.cfg
 printf 'serial --unit=0 --speed=115200\\nterminal_output serial console\\nmenuentry live {{\\n linux /boot/vmlinuz {cmdline}\\n initrd /boot/initrd\\n}}\\n' > grub.cfg
 grub-mkimage -O i386-pc-eltorito -d {grub}/i386-pc -c early.cfg -p /boot/grub -o eltorito.img {mods}
-grub-mkimage -O x86_64-efi -d {grub}/x86_64-efi -c early.cfg -p /boot/grub -o BOOTX64.EFI {emods}
-rm -f esp.img; mkfs.vfat -C --invariant -n COS_ESP esp.img 4096
-mmd -i esp.img ::/EFI ::/EFI/BOOT; mcopy -i esp.img BOOTX64.EFI ::/EFI/BOOT/BOOTX64.EFI
+rm -f esp.img; mkfs.vfat -C --invariant -n COS_ESP esp.img 8192
+{esp}
 rm -f {out}
 xorriso -volume_date all_file_dates ={inp.sde} -as mkisofs -quiet -o {out} -iso-level 3 -R -J -joliet-long \\
   -V {label} -graft-points -b boot/grub/i386-pc/eltorito.img -no-emul-boot -boot-load-size 4 \\
@@ -86,16 +112,17 @@ def by_hand_raw(inp: artifacts.BootInputs, flavor, out: Path, work: Path) -> str
     d, grub = flavor.disk, efi.GRUB_LIB
     parts = disk.layout(d)
     starts, total = disk.offsets(parts)
-    mods, emods = " ".join(efi.BIOS_MODULES), " ".join(efi.EFI_MODULES)
+    esp = by_hand_esp(inp, "efi.img", "search --label --set=root " + d.recovery.label
+                      + "\\nconfigfile ($root)/etc/cos/grub.cfg\\n", cd=False)
+    mods = " ".join(efi.BIOS_MODULES)
     sg = " ".join(f"-n {i}:{s * 2048}:{(s + p.size_mib) * 2048 - 1} -t {i}:{p.type} -c {i}:{p.name}"
                   for i, (p, s) in enumerate(zip(parts, starts), 1))
     return f"""
 cd {work}
 printf 'search --no-floppy --label --set=root {d.recovery.label}\\nconfigfile ($root)/etc/cos/grub.cfg\\n' > early.cfg
 grub-mkimage -O i386-pc -d {grub}/i386-pc -c early.cfg -p /boot/grub -o core.img {mods}
-grub-mkimage -O x86_64-efi -d {grub}/x86_64-efi -c early.cfg -p /boot/grub -o BOOTX64.EFI {emods}
 rm -f efi.img; mkfs.vfat -C --invariant -n {d.efi.label} efi.img {d.efi.size_mib * 1024}
-mmd -i efi.img ::/EFI ::/EFI/BOOT; mcopy -i efi.img BOOTX64.EFI ::/EFI/BOOT/BOOTX64.EFI
+{esp}
 mkdir -p oem rec/cOS rec/boot rec/etc/cos
 printf '# GRUB Environment Block\\nnext_entry=recovery\\n' > oem/grubenv; truncate -s 1024 oem/grubenv
 cp {inp.squashfs} rec/cOS/recovery.squashfs; cp {inp.kernel} rec/boot/vmlinuz; cp {inp.initrd} rec/boot/initrd

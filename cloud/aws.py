@@ -1,4 +1,8 @@
-"""AWS: raw GPT disk -> EBS snapshot -> AMI (UEFI, ENA, IMDSv2, TPM) -> copies/sharing.
+"""AWS: raw GPT disk -> EBS snapshot -> AMI (UEFI, ENA, IMDSv2, TPM, Secure Boot) -> copies/sharing.
+
+Secure Boot: RegisterImage carries UefiData, a UEFI variable store in AWS's format with
+Microsoft's PK/KEK/db enrolled and Secure Boot on (made by virt-firmware), so the
+instance's firmware runs the distro's Microsoft-signed shim and nothing unsigned.
 
 Default upload is the EBS direct API (seconds, parallel 512 KiB blocks); S3 multipart
 + ImportSnapshot is the fallback (minutes). Endpoints and credentials come from boto3's
@@ -7,6 +11,7 @@ standard chain (AWS_ENDPOINT_URL[_EC2|_EBS|_S3], profiles, instance roles).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import os
@@ -22,6 +27,8 @@ from urllib.parse import urlencode
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
+from virt.firmware.efi import efivar
+from virt.firmware.varstore.aws import AwsVarStore
 
 from . import ebs_direct
 from .aws_client import aws_error, client_config
@@ -36,6 +43,18 @@ log = logging.getLogger("cos.cloud.aws")
 GIB = 1024 ** 3
 TAG_UPLOADED = "cos-uploaded"  # set on a snapshot once all its blocks are in
 ARCH = {"x86_64": "x86_64", "arm64": "arm64"}
+
+
+@functools.cache
+def uefi_data() -> str:
+    """AWS UefiData (base64): Microsoft's PK and KEKs, Microsoft's db (Windows and the
+    third-party UEFI CA that signs shim, 2011 and 2023), Secure Boot on. The same bytes
+    on every run (virt-firmware writes no times), so re-runs register the same AMI."""
+    store = efivar.EfiVarList()
+    store.enroll_platform_microsoft(ms_kek="all")
+    store.add_microsoft_keys(ms_db="all")
+    store.enable_secureboot()
+    return AwsVarStore.base64_varstore(store).decode()
 
 
 def deprecate_at(days: int, now: datetime | None = None) -> datetime:
@@ -122,7 +141,8 @@ class AwsUploader(Uploader):
                      f"upload {self.spec.disk.name} ({data / 1e6:.1f} MB of data, {self.size / 1e6:.1f} MB nominal) "
                      f"via {self.target.upload} to a new snapshot in {self.region}",
                      f"register {self.spec.name} (uefi, {self.spec.arch}, ena, imds {'v2.0' if self.target.imds_v2 else 'v1'}"
-                     f"{', tpm v2.0' if self.target.tpm else ''}) in {self.region}"]
+                     f"{', tpm v2.0' if self.target.tpm else ''}"
+                     f"{', secure boot: UefiData with Microsoft keys' if self.spec.secure_boot else ''}) in {self.region}"]
         for region in self.target.regions[1:]:
             found = self._image_by_name(region)
             steps.append(f"reuse copy {found['ImageId']} in {region}" if found else f"copy to {region}")
@@ -270,6 +290,8 @@ class AwsUploader(Uploader):
             params["ImdsSupport"] = "v2.0"
         if t.tpm:  # NitroTPM needs BootMode uefi (set above)
             params["TpmSupport"] = "v2.0"
+        if self.spec.secure_boot:
+            params["UefiData"] = uefi_data()
         return params
 
     def register(self) -> None:

@@ -1,7 +1,9 @@
 """Azure: fixed VHD -> page blob in a storage account (upload: page-blob, the default) or
 a managed disk made for direct upload (upload: managed-disk, no storage account) ->
 managed image (Hyper-V generation V2, for UEFI) -> Compute Gallery image version when
-configured. Either way only the VHD's non-zero 4 MiB ranges are written (page blobs and
+configured. A Secure Boot disk (the default) needs a gallery image definition that
+declares SecurityType TrustedLaunchSupported, so Trusted Launch VMs (Secure Boot, vTPM)
+start from it: checked before anything is uploaded. Either way only the VHD's non-zero 4 MiB ranges are written (page blobs and
 upload disks start zeroed).
 
 Credentials: azure-identity's DefaultAzureCredential (environment, workload or managed
@@ -58,7 +60,15 @@ ACTIVE_SAS = ("ActiveUpload", "ActiveSAS", "ActiveSASFrozen")  # states that nee
 ARCH = {"x86_64": "x64", "arm64": "Arm64"}
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 DISK_ID_RE = re.compile(r"/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Compute/disks/(?P<name>[^/]+)$", re.I)
+# Gallery image definition SecurityType values whose versions can run as Trusted Launch
+# (Secure Boot + vTPM) VMs; a definition without the feature is Standard only.
+TRUSTED_LAUNCH = ("TrustedLaunchSupported", "TrustedLaunch", "TrustedLaunchAndConfidentialVmSupported")
 POLL_S = 1                    # LRO poll interval when ARM sends no Retry-After (SDK default: 30 s)
+
+
+def security_type(gallery_image: Any) -> str | None:
+    """The SecurityType feature of a gallery image definition (None: not declared)."""
+    return next((f.value for f in gallery_image.features or [] if f.name == "SecurityType"), None)
 
 
 def _meta(tags: dict[str, str]) -> dict[str, str]:
@@ -197,6 +207,12 @@ class AzureUploader(Uploader):
                 raise PublishError(f"azure: gallery image {t.gallery}/{t.gallery_image} is "
                                    f"{gimg.hyper_v_generation}/{gimg.architecture}, this disk needs V2/{want}",
                                    "create an image definition with hyperVGeneration V2 and the flavor's architecture")
+            security = security_type(gimg)
+            if self.spec.secure_boot and security not in TRUSTED_LAUNCH:
+                raise PublishError(f"azure: gallery image {t.gallery}/{t.gallery_image} has SecurityType "
+                                   f"{security or '(none: Standard)'}; this Secure Boot disk needs TrustedLaunchSupported",
+                                   "create the image definition with the feature SecurityType=TrustedLaunchSupported "
+                                   "(definitions are immutable: make a new one), or set boot.secure_boot: false")
 
     def _get_image(self):
         try:
@@ -223,7 +239,8 @@ class AzureUploader(Uploader):
             steps.append(f"create image {self.spec.name} (HyperVGeneration V2) from the {self.source.kind} "
                          f"in {t.resource_group}/{t.location}")
         if self.use_gallery:
-            steps.append(f"create gallery image version {t.gallery}/{t.gallery_image}/{self.spec.version} "
+            trusted = " (SecurityType TrustedLaunchSupported: Secure Boot, vTPM)" if self.spec.secure_boot else ""
+            steps.append(f"create gallery image version {t.gallery}/{t.gallery_image}{trusted}/{self.spec.version} "
                          f"in {', '.join([t.location, *t.replica_locations])} (unless it exists)")
         return steps
 

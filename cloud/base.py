@@ -47,6 +47,7 @@ class ImageSpec:
     disk: Path                 # raw (AWS), fixed VHD (Azure), disk.raw tar.gz (GCP)
     disk_sha256: str
     description: str = ""
+    secure_boot: bool = True   # the disk boots through the distro's signed chain (boot.secure_boot)
     extra_tags: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%dt%H%M%Sz"))
 

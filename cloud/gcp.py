@@ -211,7 +211,8 @@ class GcpUploader(Uploader):
             else:
                 steps.append(f"upload {self.spec.disk.name} ({self.size / 1e6:.1f} MB) to gs://{self.target.bucket}/{self.object_name}")
             steps.append(f"insert image {self.spec.name} ({ARCH[self.spec.arch]}, "
-                         f"{', '.join(self.target.guest_os_features)}, family {self.target.family})")
+                         f"{', '.join(self.features)}, family {self.target.family}"
+                         f"{', Shielded VM: Secure Boot with the default (Microsoft) keys' if self.spec.secure_boot else ''})")
         if self.target.family and self.target.deprecate_previous:
             steps.append(f"deprecate earlier images of family {self.target.family}")
         return steps
@@ -255,6 +256,14 @@ class GcpUploader(Uploader):
             raise PublishError(f"gcp: {what} failed: {detail}")
         return op
 
+    @property
+    def features(self) -> list[str]:
+        """The target's guestOsFeatures, plus SECURE_BOOT for a Secure Boot disk. No
+        shieldedInstanceInitialState: then GCE enrolls its default db (Microsoft's CAs,
+        which sign the distro's shim), which is what this disk needs."""
+        extra = ["SECURE_BOOT"] if self.spec.secure_boot and "SECURE_BOOT" not in self.target.guest_os_features else []
+        return [*self.target.guest_os_features, *extra]
+
     def register(self) -> None:
         from google.cloud import compute_v1
         t = self.target
@@ -262,7 +271,7 @@ class GcpUploader(Uploader):
         image = compute_v1.Image(
             name=self.spec.name, description=self.spec.description, family=t.family, labels=self.labels,
             architecture=ARCH[self.spec.arch], storage_locations=t.storage_locations,
-            guest_os_features=[compute_v1.GuestOsFeature(type_=f) for f in t.guest_os_features],
+            guest_os_features=[compute_v1.GuestOsFeature(type_=f) for f in self.features],
             raw_disk=compute_v1.RawDisk(source=blob.public_url))
         request = compute_v1.InsertImageRequest(project=t.project, image_resource=image,
                                                 request_id=self._request_id("insert"))

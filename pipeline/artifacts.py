@@ -55,6 +55,9 @@ class BootInputs:
     initrd: Path
     sde: int
     seed: str
+    # the distro whose signed EFI chain is copied out of the squashfs (pipeline/bootchain.py);
+    # None: boot.secure_boot is false, the EFI GRUB is the host's unsigned grub-mkimage
+    secure_boot: str | None = None
 
     def uuid(self, name: str) -> uuid.UUID:
         """A stable UUID per (build, purpose): the same input gives the same bytes."""
@@ -72,7 +75,8 @@ def boot_inputs(paths: FlavorPaths) -> BootInputs:
             raise PipelineError(f"{f} is missing", f"run: doit build-{paths.flavor.name}:squashfs")
     sde = source_date_epoch(json.loads(files[3].read_text()))
     seed = f"{paths.flavor.name}:{DIGESTS.sha256(files[0])}"
-    return BootInputs(*files[:3], sde=sde, seed=seed)
+    flavor = paths.flavor
+    return BootInputs(*files[:3], sde=sde, seed=seed, secure_boot=flavor.distro if flavor.boot.secure_boot else None)
 
 
 def record(paths: FlavorPaths, kind: str, out: Path, companions: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -144,6 +144,9 @@ class DiskLayout(StrictModel):
 class BootOptions(StrictModel):
     live_label: str = Field(pattern=LABEL_RE)
     cmdline: Annotated[str, Field(max_length=1024), AfterValidator(_cmdline)]
+    # EFI through the distro's signed shim/GRUB out of the image (pipeline/bootchain.py);
+    # false: an unsigned GRUB made with the host's grub-mkimage (no Secure Boot)
+    secure_boot: bool = True
 
 
 class Flavor(StrictModel):

@@ -3,15 +3,17 @@
 | # | name     | type | filesystem | content |
 |---|----------|------|------------|---------|
 | 1 | legacy   | EF02 | -          | GRUB i386-pc core.img (boot.img in the MBR loads it) |
-| 2 | efi      | EF00 | FAT        | COS_GRUB: /EFI/BOOT/BOOTX64.EFI |
+| 2 | efi      | EF00 | FAT        | COS_GRUB: /EFI/BOOT/{BOOTX64.EFI,grub.cfg} (+ signed chain) |
 | 3 | oem      | 8300 | ext4       | COS_OEM: /grubenv with next_entry=recovery |
 | 4 | recovery | 8300 | ext4       | COS_RECOVERY: /cOS/recovery.squashfs, /boot/{vmlinuz,initrd}, /etc/cos/{grub,bootargs}.cfg |
 
 As in cOS, COS_STATE and COS_PERSISTENT are NOT on the vanilla disk: the first boot
 (recovery) lays them out with cloud-config `layout`, sized by disk.state/persistent,
 so the image stays small and the partitions fit whatever disk the cloud gives.
-Both GRUBs search COS_STATE, else COS_RECOVERY, and load /etc/cos/grub.cfg from it:
-the image's own menu (package cos-grub), read out of the squashfs.
+Every GRUB (BIOS; EFI: the distro's signed one via shim, or with boot.secure_boot
+false the host's) reads a stub config on COS_GRUB that loads /etc/cos/grub.cfg from
+COS_STATE if a deploy wrote it there, else from COS_RECOVERY: the image's own menu
+(package cos-grub), read out of the squashfs.
 
 No mounts or loop devices: each filesystem is built as a file (mkfs.vfat + mtools,
 mkfs.ext4 -d), sgdisk writes the GPT on the disk file, dd conv=notrunc,sparse puts the
@@ -31,7 +33,7 @@ from typing import Any
 
 from core import env as environ
 
-from . import artifacts, efi
+from . import artifacts, bootchain, efi
 from .config import DiskLayout, FlavorContext
 from .errors import PipelineError
 from .files import atomic_path
@@ -179,20 +181,30 @@ def sgdisk_command(disk: Path, parts: list[Part], starts: list[int], inputs: art
     return cmd + [str(disk)]
 
 
+def esp_files(inputs: artifacts.BootInputs, disk: DiskLayout, w: Path) -> dict[str, Path]:
+    """COS_GRUB's files, and core.img in `w`. Every GRUB ends in the same stub config
+    (bootchain.stub_config: COS_STATE's menu if deployed, else COS_RECOVERY's): the signed
+    one reads it at its prefix, the host-made BIOS (and unsigned EFI) ones find COS_GRUB
+    and read it at STUB_ESP."""
+    stub = bootchain.stub_config(GRUB_CFG, disk.recovery.label, disk.state.label)
+    early = efi.early_config([disk.efi.label], bootchain.STUB_ESP)
+    efi.bios_core_image(w / "core.img", early)
+    if inputs.secure_boot:
+        return bootchain.signed_esp(inputs.squashfs, inputs.secure_boot, w, stub)
+    (w / "stub.cfg").write_text(stub)
+    return {bootchain.SHIM_ESP: efi.efi_image(w / "BOOTX64.EFI", early), bootchain.STUB_ESP: w / "stub.cfg"}
+
+
 def build_raw(out: Path, inputs: artifacts.BootInputs, disk: DiskLayout) -> Path:
     parts = layout(disk)
     starts, total_mib = offsets(parts)
     legacy, esp, oem, recovery = parts
-    search = [disk.state.label, disk.recovery.label]  # an installed COS_STATE first, else recovery
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".raw-") as work:
         w = Path(work)
-        early = efi.early_config(search, GRUB_CFG)
-        efi.bios_core_image(w / "core.img", early)
-        efi.efi_image(w / "BOOTX64.EFI", early)
         files = {esp.name: efi.make_fat(
             w / "efi.img",
             efi.FatSpec(disk.efi.label, efi.fat_volume_id(inputs.seed + ":esp"), esp.size_mib * MIB),
-            {"/EFI/BOOT/BOOTX64.EFI": w / "BOOTX64.EFI"}, inputs.sde)}
+            esp_files(inputs, disk, w), inputs.sde)}
 
         oem_tree = w / "oem"
         _stage_file(grubenv(next_entry="recovery"), oem_tree / "grubenv", inputs.sde)

@@ -1,6 +1,9 @@
 """GRUB boot images (EFI and BIOS) and FAT filesystems, made without mounting.
 
-Which GRUB: the HOST's (Debian grub-efi-amd64-bin / grub-pc-bin under
+Secure Boot (boot.secure_boot, the default) replaces the EFI GRUB by the distro's signed
+shim + GRUB copied out of the image (pipeline/bootchain.py); BIOS always uses the host's.
+
+Which GRUB (BIOS, and EFI without Secure Boot): the HOST's (Debian grub-efi-amd64-bin / grub-pc-bin under
 /usr/lib/grub). grub-mkimage and the modules it links must come from the same GRUB
 build, and the only grub-mkimage we can run is the host's: running the image's own
 (e.g. green's grub2-mkimage from /usr/share/grub2) would mean executing the OS
@@ -56,12 +59,13 @@ def grub_dir(target: str) -> Path:
 
 
 @functools.cache  # read once per process, not once per task of every flavor
-def host_grub_fingerprint() -> str:
+def host_grub_fingerprint(efi: bool = True) -> str:
     """Identifies the host's GRUB build (modinfo.sh carries its package version and build
     options): a doit key of the ISO and disk tasks, so a host GRUB upgrade re-makes them.
+    `efi` False: i386-pc only (Secure Boot takes the EFI GRUB from the image, keyed on it).
     Never raises: `doit list` must work on a machine without GRUB."""
     digest = hashlib.sha256()
-    for platform in (EFI_TARGET, BIOS_TARGET):
+    for platform in (EFI_TARGET, BIOS_TARGET) if efi else (BIOS_TARGET,):
         try:
             digest.update((GRUB_LIB / platform / "modinfo.sh").read_bytes())
         except OSError:

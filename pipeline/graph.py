@@ -146,8 +146,8 @@ def iso_task(ctx: FlavorContext) -> Task:
     return {"name": "iso", "doc": f"hybrid BIOS/UEFI live ISO {out.name} (+ .sha256)",
             "file_dep": _boot_inputs(ctx),
             "targets": [out, out.with_name(out.name + ".sha256")],
-            "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(),
-                                         "sde": _sde(), "grub": efi.host_grub_fingerprint()})],
+            "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(), "sde": _sde(),
+                                         "grub": efi.host_grub_fingerprint(not ctx.flavor.boot.secure_boot)})],
             "actions": [stage_action(iso.iso_stage, ctx)],
             "clean": True}
 
@@ -157,8 +157,9 @@ def raw_task(ctx: FlavorContext) -> Task:
     return {"name": "raw", "doc": f"raw GPT cOS disk {out.name} (boots to recovery)",
             "file_dep": _boot_inputs(ctx),
             "targets": [out],
-            "uptodate": [config_changed({"disk": ctx.flavor.disk.model_dump(),
-                                         "sde": _sde(), "grub": efi.host_grub_fingerprint()})],
+            "uptodate": [config_changed({"disk": ctx.flavor.disk.model_dump(), "sde": _sde(),
+                                         "secure_boot": ctx.flavor.boot.secure_boot,
+                                         "grub": efi.host_grub_fingerprint(not ctx.flavor.boot.secure_boot)})],
             "actions": [stage_action(disk.raw_stage, ctx)],
             "clean": True}
 

@@ -4,7 +4,9 @@ Layout (as cOS): ISO 9660 labelled COS_LIVE holding /rootfs.squashfs, /boot/vmli
 /boot/initrd and /boot/grub/grub.cfg. BIOS boots GRUB i386-pc from El Torito
 (cdboot) or, on a stick, from boot_hybrid.img in the MBR; UEFI boots the FAT ESP
 appended as MBR partition 2 (type 0xef), which is also the El Torito EFI image.
-Both GRUBs find the volume by label and read the same grub.cfg.
+Both GRUBs find the volume by label and read the same grub.cfg. With Secure Boot
+(the default) the ESP holds the distro's signed shim and CD GRUB out of the image
+(pipeline/bootchain.py) and a stub config at that GRUB's prefix that does the same.
 
 Files are grafted from where they are (no staging copy). xorriso takes
 SOURCE_DATE_EPOCH for every date and the volume UUID, so the bytes are reproducible.
@@ -17,7 +19,7 @@ from typing import Any
 
 from core import env as environ
 
-from . import artifacts, efi
+from . import artifacts, bootchain, efi
 from .config import FlavorContext
 from .files import DIGESTS, atomic_path
 from .run import run
@@ -66,8 +68,11 @@ def build_iso(out: Path, inputs: artifacts.BootInputs, *, label: str, cmdline: s
         w = Path(work)
         early = efi.early_config([label], GRUB_CFG)
         efi.eltorito_image(w / "eltorito.img", early)
-        efi.efi_image(w / "BOOTX64.EFI", early)
-        esp_files = {"/EFI/BOOT/BOOTX64.EFI": w / "BOOTX64.EFI"}
+        if inputs.secure_boot:  # the distro's signed shim + CD GRUB, which reads the stub from the ESP
+            esp_files = bootchain.signed_esp(inputs.squashfs, inputs.secure_boot, w,
+                                             bootchain.stub_config(GRUB_CFG, label), cd=True)
+        else:
+            esp_files = {bootchain.SHIM_ESP: efi.efi_image(w / "BOOTX64.EFI", early)}
         efi.make_fat(w / "esp.img", efi.FatSpec("COS_ESP", efi.fat_volume_id(inputs.seed + ":iso-esp")),
                      esp_files, inputs.sde)
         (w / "grub.cfg").write_text(grub_menu(title, live_cmdline(label, cmdline)))

@@ -1,6 +1,6 @@
 """Boot a built artifact in QEMU: the command line shared by `./dev run` and the tests.
 
-`./dev run red --disk|--iso [--uefi|--bios] [--user-data FILE] [--persistent PATH]
+`./dev run red --disk|--iso [--uefi|--secure-boot|--bios] [--user-data FILE] [--persistent PATH]
 [--ssh-port N]` (= `python -m pipeline.vm run ...`) boots the flavor's raw disk or ISO
 with the serial console on the terminal, like `mkosi qemu`. tests/qemu.py drives the
 same command from pytest.
@@ -27,6 +27,11 @@ from .errors import PipelineError
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot: Debian's SMM build (.ms.fd links to .secboot.fd) and a variable store with
+# Microsoft's KEK/db enrolled and Secure Boot on, as a shim-signed distro expects.
+OVMF_SB_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
+OVMF_SB_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+FIRMWARES = ("uefi", "uefi-sb", "bios")
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
 QEMU = "qemu-system-x86_64"
 MEDIA = ("disk", "cdrom", "usb", "nvme", "scsi")
@@ -73,7 +78,7 @@ class Network:
 @dataclass
 class Machine:
     drives: list[Drive]                 # the first one boots
-    firmware: str = "uefi"              # uefi (OVMF) | bios (SeaBIOS)
+    firmware: str = "uefi"              # uefi (OVMF) | uefi-sb (OVMF, Secure Boot) | bios (SeaBIOS)
     memory_mib: int = 2048
     cpus: int = 2
     accel: str = "tcg"                  # tcg | kvm
@@ -82,11 +87,17 @@ class Machine:
     interactive: bool = False           # serial + QEMU monitor (Ctrl-A) on a terminal's stdio
 
 
+def ovmf(firmware: str) -> tuple[Path, Path] | None:
+    """OVMF's code and variable-store template for a UEFI `firmware`, None for bios."""
+    return {"uefi": (OVMF_CODE, OVMF_VARS), "uefi-sb": (OVMF_SB_CODE, OVMF_SB_VARS)}.get(firmware)
+
+
 def missing_tools(firmware: str) -> list[str]:
-    """What this machine lacks to boot with `firmware` ('uefi' or 'bios'), with the apt package."""
+    """What this machine lacks to boot with `firmware` (uefi, uefi-sb, bios), with the apt package."""
     missing = [] if shutil.which(QEMU) else [f"{QEMU} (apt-get install qemu-system-x86)"]
-    if firmware == "uefi" and not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
-        missing.append(f"{OVMF_CODE} (apt-get install ovmf)")
+    pair = ovmf(firmware)
+    if pair and not all(p.is_file() for p in pair):
+        missing.append(f"{' and '.join(map(str, pair))} (apt-get install ovmf)")
     if firmware == "bios" and not SEABIOS.is_file():
         missing.append(f"{SEABIOS} (apt-get install seabios)")
     return missing
@@ -174,8 +185,11 @@ def network_args(net: Network | None) -> list[str]:
 
 
 def qemu_command(m: Machine, vars_file: Path | None = None) -> list[str]:
-    """The whole QEMU command line. `vars_file`: a writable copy of OVMF_VARS (uefi)."""
-    cmd = [QEMU, "-accel", m.accel, "-machine", "q35", "-m", str(m.memory_mib), "-smp", str(m.cpus),
+    """The whole QEMU command line. `vars_file`: a writable copy of the OVMF variables (uefi*).
+    Secure Boot OVMF is an SMM build: it needs SMM on, its flash secured (only SMM code may
+    write the variables) and S3 off, as libvirt runs it."""
+    secure = m.firmware == "uefi-sb"
+    cmd = [QEMU, "-accel", m.accel, "-machine", "q35,smm=on" if secure else "q35", "-m", str(m.memory_mib), "-smp", str(m.cpus),
            "-display", "none"]
     if m.accel == "kvm":
         cmd += ["-cpu", "host"]
@@ -184,15 +198,19 @@ def qemu_command(m: Machine, vars_file: Path | None = None) -> list[str]:
     if not m.reboot:
         cmd.append("-no-reboot")
     cmd += network_args(m.network)
-    if m.firmware == "uefi":
+    pair = ovmf(m.firmware)
+    if pair:
         if vars_file is None:
             raise PipelineError("UEFI boot needs a writable copy of OVMF_VARS (vars_file)")
-        cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        if secure:
+            cmd += ["-global", "driver=cfi.pflash01,property=secure,value=on",
+                    "-global", "ICH9-LPC.disable_s3=1"]
+        cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={pair[0]}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={_opt(vars_file)}"]
     elif m.firmware == "bios":
         cmd += ["-bios", str(SEABIOS)]
     else:
-        raise PipelineError(f"unknown firmware {m.firmware!r}", "use uefi or bios")
+        raise PipelineError(f"unknown firmware {m.firmware!r}", f"use one of {', '.join(FIRMWARES)}")
     return cmd + drive_args(m.drives)
 
 
@@ -329,11 +347,12 @@ def run_machine(opts: RunOptions, workdir: Path) -> tuple[Machine, Path | None]:
     if user_data is not None:
         drives.append(Drive(cidata_iso(workdir, user_data), "cdrom"))
     vars_file = None
-    if opts.firmware == "uefi":  # OVMF's variables: kept beside a persistent disk, else per run
-        vars_file = (opts.persistent.with_name(opts.persistent.name + ".OVMF_VARS.fd") if opts.persistent
-                     else workdir / "OVMF_VARS.fd")
+    if pair := ovmf(opts.firmware):  # OVMF's variables: kept beside a persistent disk, else per run
+        name = "OVMF_SB_VARS.fd" if opts.firmware == "uefi-sb" else "OVMF_VARS.fd"  # the stores differ
+        vars_file = (opts.persistent.with_name(f"{opts.persistent.name}.{name}") if opts.persistent
+                     else workdir / name)
         if not vars_file.exists():
-            shutil.copyfile(OVMF_VARS, vars_file)
+            shutil.copyfile(pair[1], vars_file)
     network = Network(hostfwd={opts.ssh_port: 22} if opts.ssh_port else {})
     machine = Machine(drives, firmware=opts.firmware, memory_mib=opts.memory_mib,
                       accel="kvm" if kvm_usable() else "tcg", network=network, reboot=True, interactive=True)
@@ -358,6 +377,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     media.add_argument("--iso", dest="media", action="store_const", const="iso", help="the live ISO")
     fw = p.add_mutually_exclusive_group()
     fw.add_argument("--uefi", dest="firmware", action="store_const", const="uefi", help="OVMF (default)")
+    fw.add_argument("--secure-boot", dest="firmware", action="store_const", const="uefi-sb",
+                    help="OVMF with Secure Boot enforced (Microsoft's keys enrolled)")
     fw.add_argument("--bios", dest="firmware", action="store_const", const="bios", help="SeaBIOS")
     p.add_argument("--user-data", type=Path, metavar="FILE", help="cloud-config, handed over as NoCloud cidata")
     p.add_argument("--persistent", type=Path, metavar="PATH",

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.vm import (
-    OVMF_VARS,
     Drive,
     GuestForward,
     Machine,
@@ -31,6 +30,7 @@ from pipeline.vm import (
     cidata_iso,
     free_port,
     missing_tools,
+    ovmf,
     qemu_command,
 )
 
@@ -46,7 +46,7 @@ ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-B]|\r")
 @dataclass
 class VM:
     drive: Drive
-    firmware: str = "uefi"  # uefi (OVMF) | bios (SeaBIOS)
+    firmware: str = "uefi"  # uefi (OVMF) | uefi-sb (OVMF, Secure Boot enforced) | bios (SeaBIOS)
     memory_mib: int = 2048
     name: str = "vm"
     extra: list[Drive] = field(default_factory=list)  # more disks / CD-ROMs (e.g. a cidata_iso)
@@ -73,9 +73,9 @@ class VM:
         """Start QEMU (or `cmd`, a command that runs QEMU on its stdio, e.g. ./dev run)."""
         self._tmp = tempfile.TemporaryDirectory(prefix=f"qemu-{self.name}-")
         vars_file = None
-        if self.firmware == "uefi":  # OVMF writes its variables: a private copy per boot
+        if pair := ovmf(self.firmware):  # OVMF writes its variables: a private copy per boot
             vars_file = Path(self._tmp.name) / "OVMF_VARS.fd"
-            shutil.copyfile(OVMF_VARS, vars_file)
+            shutil.copyfile(pair[1], vars_file)
         cmd = cmd or self.command(vars_file)
         print(f"[{self.name}] $ {' '.join(cmd)}", flush=True)
         self.started = time.monotonic()

@@ -21,7 +21,9 @@ from datetime import UTC, datetime, timedelta
 
 import boto3
 import pytest
+from virt.firmware.varstore.aws import AwsVarStore
 
+from cloud import aws as aws_cloud
 from cloud.aws import deprecate_at
 from cloud.errors import PublishError
 from pipeline import publish
@@ -74,6 +76,13 @@ def test_ebs_direct_publish_registers_uefi_image_and_copies(aws, cloud_build_dir
     assert form["EnaSupport"] == "true" and form["SriovNetSupport"] == "simple"
     assert form["ImdsSupport"] == "v2.0" and form["TpmSupport"] == "v2.0"
     assert form["VirtualizationType"] == "hvm" and form["RootDeviceName"] == "/dev/xvda"
+    # Secure Boot: the UEFI variable store sent is virt-firmware's, with Microsoft's keys and SB on
+    assert form["UefiData"] == aws_cloud.uefi_data()
+    (cloud_build_dir / "uefi-data").write_text(form["UefiData"])
+    store = AwsVarStore(str(cloud_build_dir / "uefi-data")).get_varlist()  # virt-firmware reads it back
+    assert {"PK", "KEK", "db", "dbx"} <= set(store) and store["SecureBootEnable"].data == b"\x01"
+    db = " ".join(str(c.x509.subject) for c in store["db"].sigdb if c.x509)
+    assert "Microsoft Corporation UEFI CA 2011" in db  # the CA that signs the distros' shim
     assert form["BlockDeviceMapping.1.DeviceName"] == "/dev/xvda"
     assert form["BlockDeviceMapping.1.Ebs.SnapshotId"] == result["snapshot"]
     assert form["BlockDeviceMapping.1.Ebs.VolumeType"] == "gp3"
@@ -186,6 +195,7 @@ def test_dry_run_changes_nothing(aws, cloud_build_dir, monkeypatch):
     paths = flavor_paths(flavor)
     result = publish.publish_stage(FlavorContext(flavor, paths, "0.1.0"), "aws")
     assert result["dry_run"] and any("upload disk.raw" in s for s in result["plan"])
+    assert any("secure boot: UefiData with Microsoft keys" in s for s in result["plan"])
     assert any("copy to eu-west-1" in s for s in result["plan"])
     assert {r.action for r in aws.proxy.requests} <= {"GetCallerIdentity", "DescribeImages", "DescribeSnapshots"}
     assert not (paths.build / "cloud-images.json").exists()

@@ -160,6 +160,22 @@ def test_gallery_architecture_mismatch_is_refused(azure, cloud_build_dir):
     assert page_put_requests(azure) == []
 
 
+def test_secure_boot_needs_a_trusted_launch_gallery_definition(azure, cloud_build_dir, monkeypatch):
+    """A Secure Boot disk goes only into a definition declaring SecurityType
+    TrustedLaunchSupported (read back from ARM); a Standard one is refused before upload."""
+    azure.arm.add_gallery_image(azure.subscription, RG, "cosgallery", "cos-std", security_type=None)
+    flavor = make_flavor({"azure": {**gallery_target(azure), "gallery_image": "cos-std"}}, name="azstd")
+    with pytest.raises(PublishError, match="SecurityType .*needs TrustedLaunchSupported"):
+        publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor), "0.1.0"), "azure")
+    assert page_put_requests(azure) == []
+    monkeypatch.setenv("COS_PUBLISH_DRY_RUN", "1")
+    flavor = make_flavor({"azure": gallery_target(azure)}, name="aztl")
+    plan = publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor), "0.1.0"), "azure")["plan"]
+    assert any("SecurityType TrustedLaunchSupported" in step for step in plan), plan
+    gets = [p for m, p, _ in azure.arm.requests if m == "GET" and "/galleries/cosgallery/images/cos-red" in p]
+    assert gets  # the definition's features came over the wire
+
+
 def test_gc_deletes_old_images_and_blobs(azure, cloud_build_dir):
     flavor = make_flavor({"azure": azure_target()}, name="azgc")
     names = []

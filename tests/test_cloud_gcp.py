@@ -49,7 +49,10 @@ def test_publish_uploads_inserts_and_deprecates_previous(gcp, cloud_build_dir):
 
     body = gcp.gce.inserts()[-1]
     assert body["name"] == result["name"] and body["family"] == "cos-red" and body["architecture"] == "X86_64"
-    assert [f["type"] for f in body["guestOsFeatures"]] == ["UEFI_COMPATIBLE", "VIRTIO_SCSI_MULTIQUEUE", "GVNIC"]
+    # SECURE_BOOT added for a Secure Boot disk; no shieldedInstanceInitialState: GCE's default (Microsoft) keys
+    assert [f["type"] for f in body["guestOsFeatures"]] == ["UEFI_COMPATIBLE", "VIRTIO_SCSI_MULTIQUEUE", "GVNIC",
+                                                            "SECURE_BOOT"]
+    assert "shieldedInstanceInitialState" not in body
     assert body["rawDisk"]["source"].endswith(f"/cos-images/{result['name']}.tar.gz")
     assert body["labels"]["team"] == "os" and body["labels"]["cos-flavor"] == "gctest"
     waits = [p for m, p, _ in gcp.gce.requests if p.endswith("/wait")]
@@ -121,6 +124,7 @@ def test_dry_run_touches_nothing(gcp, cloud_build_dir, monkeypatch):
     flavor = make_flavor({"gcp": gcp_target()}, name="gcplan")
     result = publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor), "0.1.0"), "gcp")
     assert any(s.startswith("upload disk.tar.gz") for s in result["plan"])
+    assert any("SECURE_BOOT" in s and "Shielded VM" in s for s in result["plan"]), result["plan"]
     assert {m for m, _, _ in gcp.gce.requests} <= {"GET", "POST"} and gcp.gce.inserts() == []
     assert [r for r in gcp.proxy.requests if r.method != "GET"] == []
 

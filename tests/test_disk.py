@@ -74,15 +74,23 @@ def test_filesystems_labels_and_uuids(raw, inputs):
     assert "BOOTX64.EFI" in listing.upper()
 
 
-def test_esp_grub_prefers_state_then_recovery(raw, tmp_path):
-    """An installed COS_STATE wins over COS_RECOVERY (GRUB keeps the last search hit)."""
-    efi_bin = tmp_path / "BOOTX64.EFI"
-    run("mcopy", "-i", f"{raw}@@{partitions(raw)[1]['start'] * 512}", "::/EFI/BOOT/BOOTX64.EFI", efi_bin)
-    data = efi_bin.read_bytes()
-    recovery = data.find(b"--label --set=root COS_RECOVERY\n")
-    state = data.find(b"--label --set=root COS_STATE\n")
-    assert 0 < recovery < state, (recovery, state)
-    assert b"configfile ($root)/etc/cos/grub.cfg" in data
+def test_every_grub_reads_the_stub_that_needs_the_menu_file_on_state(raw, tmp_path):
+    """The BIOS core.img and the unsigned EFI GRUB find COS_GRUB and read its stub; the stub
+    takes COS_STATE only when its /etc/cos/grub.cfg is there (a laid-out, never deployed
+    COS_STATE used to stop at grub>), else COS_RECOVERY's menu. grub-script-check: valid."""
+    esp = f"{raw}@@{partitions(raw)[1]['start'] * 512}"
+    efi_bin, stub = tmp_path / "BOOTX64.EFI", tmp_path / "grub.cfg"
+    run("mcopy", "-i", esp, "::/EFI/BOOT/BOOTX64.EFI", efi_bin)
+    run("mcopy", "-i", esp, "::/EFI/BOOT/grub.cfg", stub)
+    data = efi_bin.read_bytes()  # (core.img is compressed: its config is the same early_config)
+    assert b"search --no-floppy --label --set=root MY_GRUB\n" in data
+    assert b"configfile ($root)/EFI/BOOT/grub.cfg" in data
+    lines = stub.read_text().splitlines()
+    assert lines[0] == "search --no-floppy --label --set=root COS_RECOVERY"
+    assert lines[1] == "if search --no-floppy --label --set=cos_state COS_STATE; then"
+    assert lines[2].strip() == 'if [ -f "(${cos_state})/etc/cos/grub.cfg" ]; then set root="${cos_state}"; fi'
+    assert lines[-1] == "configfile ($root)/etc/cos/grub.cfg"
+    run("grub-script-check", stub)
 
 
 def _cat(raw, part: dict, path: str) -> bytes:

@@ -42,7 +42,8 @@ class ArmServer(JsonApiServer):
         super().__init__(ctx)
 
     # -- test helpers ------------------------------------------------------------------
-    def add_gallery_image(self, sub: str, rg: str, gallery: str, name: str, generation="V2", arch="x64") -> None:
+    def add_gallery_image(self, sub: str, rg: str, gallery: str, name: str, generation="V2", arch="x64",
+                          security_type: str | None = "TrustedLaunchSupported") -> None:
         rid = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/galleries/{gallery}/images/{name}"
         self.resources[rid.lower()] = {"id": rid, "name": name, "location": "westeurope",
                                        "type": "Microsoft.Compute/galleries/images",
@@ -50,6 +51,8 @@ class ArmServer(JsonApiServer):
                                                       "hyperVGeneration": generation, "architecture": arch,
                                                       "identifier": {"publisher": "cos", "offer": "cos", "sku": name},
                                                       "provisioningState": "Succeeded"}}
+        if security_type:
+            self.resources[rid.lower()]["properties"]["features"] = [{"name": "SecurityType", "value": security_type}]
 
     def use_blob_storage(self, connection_string: str, public_url: str, keep_data: bool = True) -> DiskStore:
         """Keep managed disks' upload blobs in this (Azurite) account; SAS URLs handed out
