@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ from pathlib import Path
 from ..system import CosError, System, write_atomic
 from . import grubenv
 from .disks import MIB, find_partition, mounts_of
-from .durable import fsync_dir, fsync_file
+from .durable import fsync_dir, fsync_file, remove_record, write_record
 
 log = logging.getLogger("cos.deploy")
 
@@ -295,28 +295,60 @@ def run_after_deploy(system: System, strict: bool) -> None:
     log.warning("the after-deploy stage failed (see /run/cos/setup-after-deploy.log); the deploy itself is complete")
 
 
-def deploy(system: System, opts: Options) -> None:
+@dataclass(frozen=True)
+class Fetched:
+    """An image pulled for `cos-deploy -d`: its unpacked tree and the record kept beside
+    active.img / passive.img (cOS/active.json: image, digest)."""
+    rootfs: Path
+    record: dict[str, str]
+
+
+# Given COS_STATE (to keep temporary data off it), yields the pulled image, or None for the
+# recovery system; the work directory is removed when the context ends.
+Fetcher = Callable[[Path], AbstractContextManager[Fetched | None]]
+
+
+@contextmanager
+def no_fetch(state: Path) -> Iterator[Fetched | None]:
+    yield None
+
+
+def deploy(system: System, opts: Options, fetch: Fetcher = no_fetch) -> None:
     check_recovery(system)
-    source = opts.source or system.path(DEFAULT_SOURCE)
-    check_source(source)
+    if opts.source is not None:
+        check_source(opts.source)
     with state_dir(system, opts) as state, oem_dir(system, opts) as oem:
         check_not_deployed(state, opts.force)
         remove_leftovers(state, oem)
-        size = image_size(source)
-        check_space(state, size)
-        (state / ACTIVE).parent.mkdir(parents=True, exist_ok=True)
-        _mark(state, incomplete=True)
-        try:
-            write_menu(source, state)
-            make_active(system, source, state, size)
-            make_passive(system, state)
-            grubenv.update(oem / GRUBENV, next_entry="cos")
-        except CosError:
-            remove_leftovers(state, oem)   # a failed mkfs/copy leaves no half image behind
-            raise
-        _mark(state, incomplete=False)
+        with fetch(state) as fetched:
+            source = fetched.rootfs if fetched else opts.source or system.path(DEFAULT_SOURCE)
+            if fetched is None:
+                log.info("deploying the recovery system (%s)", source)
+            check_source(source)
+            _deploy_tree(system, source, state, oem, fetched.record if fetched else None)
         log.info("deployed: %s and %s on COS_STATE; the next boot starts 'cos'", ACTIVE, PASSIVE)
         run_after_deploy(system, opts.strict)
+
+
+def _deploy_tree(system: System, source: Path, state: Path, oem: Path, record: dict[str, str] | None) -> None:
+    size = image_size(source)
+    check_space(state, size)
+    (state / ACTIVE).parent.mkdir(parents=True, exist_ok=True)
+    _mark(state, incomplete=True)
+    try:
+        write_menu(source, state)
+        for name in (ACTIVE, PASSIVE):   # the records of what was there go first: never a stale one
+            remove_record(state / Path(name).with_suffix(".json"))
+        make_active(system, source, state, size)
+        make_passive(system, state)
+        if record is not None:
+            for name in (ACTIVE, PASSIVE):
+                write_record(state / Path(name).with_suffix(".json"), record)
+        grubenv.update(oem / GRUBENV, next_entry="cos")
+    except CosError:
+        remove_leftovers(state, oem)   # a failed mkfs/copy leaves no half image behind
+        raise
+    _mark(state, incomplete=False)
 
 
 def power(system: System, action: str) -> None:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..install import deploy
@@ -116,3 +119,41 @@ def obtain(system: System, opts: Options, state: Path, work: Path, timings: Timi
     if not opts.image and ref.tag:   # a channel pick: record the tag, not only the digest
         pulled = Pulled(pulled.rootfs, f"{ref.repository}:{ref.tag}", pulled.digest)
     return pulled
+
+
+def deploy_fetcher(system: System, image: str | None, verify: bool, tmpdir: Path | None) -> deploy.Fetcher:
+    """What `cos-deploy` installs: -d IMAGE; with none, the channel's newest image when a
+    channel is configured and reachable, else the recovery system (the log says which)."""
+    @contextmanager
+    def fetch(state: Path) -> Iterator[deploy.Fetched | None]:
+        if image is None and chan.load(system) is None:
+            yield None
+            return
+        work = work_dir(system, state, tmpdir)
+        try:
+            yield _fetch(system, image, verify, state, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return fetch
+
+
+def _fetch(system: System, image: str | None, verify: bool, state: Path, work: Path) -> deploy.Fetched | None:
+    opts = Options(image=image, verify=verify)
+    try:
+        pulled = obtain(system, opts, state, work, Timings())
+    except CosError as e:
+        if image is not None:
+            raise
+        log.warning("the upgrade channel is not usable (%s): deploying the recovery system instead", e)
+        return None
+    if pulled is None:   # "already up to date" cannot happen on a fresh deploy, but be exact
+        return None
+    check_cos_image(pulled.rootfs, pulled.image)
+    return deploy.Fetched(pulled.rootfs, record_of(pulled))
+
+
+def record_of(pulled: Pulled) -> dict[str, str]:
+    data = {"image": pulled.image, "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if pulled.digest:
+        data["digest"] = pulled.digest
+    return data

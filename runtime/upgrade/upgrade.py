@@ -27,14 +27,13 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 from ..install import deploy, grubenv
 from ..install.durable import fsync_dir, read_record, remove_record, write_record
 from ..system import CosError, System
 from .oci import Pulled, Timings
-from .source import Options, check_cos_image, obtain, record_path, work_dir
+from .source import Options, check_cos_image, obtain, record_of, record_path, work_dir
 
 log = logging.getLogger("cos.upgrade")
 
@@ -45,19 +44,12 @@ RECOVERY_MODE = deploy.RECOVERY_SENTINEL
 
 # ---- the swap (steps 3-5) ------------------------------------------------------------------
 
-def _record(pulled: Pulled) -> dict[str, str]:
-    data = {"image": pulled.image, "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if pulled.digest:
-        data["digest"] = pulled.digest
-    return data
-
-
 def write_transition(system: System, pulled: Pulled, state: Path, keep_passive: bool, timings: Timings) -> None:
     start = time.monotonic()
     size = deploy.image_size(pulled.rootfs)
     deploy.check_upgrade_space(state, size, passive_in_use=keep_passive)
     deploy.make_transition(system, pulled.rootfs, state, size)
-    write_record(record_path(state, deploy.TRANSITION), _record(pulled))
+    write_record(record_path(state, deploy.TRANSITION), record_of(pulled))
     write_record(state / JOURNAL, {"phase": "written", "keep_passive": keep_passive, "image": pulled.image})
     timings.add("write", start)
 

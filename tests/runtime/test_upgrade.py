@@ -20,6 +20,7 @@ from runtime.install import deploy, grubenv
 from runtime.upgrade import source as upgrade_source
 from runtime.upgrade import upgrade
 from tests.servers.registry import Registry, start_registry, stop
+from tests.servers.util import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MENU_SRC = REPO / "packages/cos-grub/files/etc/cos"
@@ -356,3 +357,60 @@ def test_killed_then_rerun_completes(machine: dict[str, Path], registry: dict[st
     sh("e2fsck", "-fn", state / deploy.PASSIVE)
     assert not (state / upgrade.JOURNAL).exists() and not (state / deploy.TRANSITION).exists()
     print(f"re-run after kill during {moment}: {time.monotonic() - start:.1f} s")
+
+
+@pytest.fixture
+def recovery_machine(tmp_path: Path, registry: dict[str, object]) -> Iterator[dict[str, Path]]:
+    """Recovery mode, an empty tmpfs COS_STATE, the recovery tree at /run/rootfsbase."""
+    root, state, oem = tmp_path / "root", tmp_path / "state", tmp_path / "oem"
+    (root / "var/tmp").mkdir(parents=True)
+    (root / "run/cos").mkdir(parents=True)
+    (root / "run/cos/recovery_mode").touch()
+    cos_tree(root / "run/rootfsbase", "0.1.0-recovery")
+    (root / "etc/containers").mkdir(parents=True)
+    reg = registry["reg"]
+    assert isinstance(reg, Registry)
+    (root / "etc/containers/registries.conf").write_text(reg.registries_conf())
+    oem.mkdir()
+    tmpfs(state, "1G")
+    try:
+        yield {"root": root, "state": state, "oem": oem}
+    finally:
+        sh("umount", state, check=False)
+
+
+def deploy_cli(m: dict[str, Path], *extra: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runtime.install.cli", "--root", m["root"], "--state", m["state"],
+                           "--oem", m["oem"], *(str(a) for a in extra)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cos_deploy_from_an_image(recovery_machine: dict[str, Path], registry: dict[str, object]) -> None:
+    m, digests = recovery_machine, registry["digests"]
+    assert isinstance(digests, dict)
+    proc = deploy_cli(m, "-d", image_of(m, NAME, registry, "red-0.2.0-amd64"))
+    assert proc.returncode == 0, proc.stderr
+    for name in (deploy.ACTIVE, deploy.PASSIVE):
+        assert "upgraded" in debugfs(m["state"] / name, "cat /etc/os-release")
+        assert json.loads((m["state"] / name).with_suffix(".json").read_text())["digest"] == digests["v2"]
+    assert grubenv.read(m["oem"] / "grubenv")["next_entry"] == "cos"
+    assert not (m["root"] / "var/tmp" / upgrade_source.WORK_NAME).exists()
+
+
+def test_cos_deploy_without_image(recovery_machine: dict[str, Path], registry: dict[str, object]) -> None:
+    """The channel's newest when reachable; an unreachable channel falls back to recovery, saying so."""
+    m, reg = recovery_machine, registry["reg"]
+    assert isinstance(reg, Registry)
+    (m["root"] / "etc/cos").mkdir(parents=True)
+    channel = m["root"] / "etc/cos/upgrade.yaml"
+    channel.write_text(f"repository: {reg.address}/{NAME}\ntags: red-*-amd64\n")
+    proc = deploy_cli(m)
+    assert proc.returncode == 0, proc.stderr
+    assert "newest in the channel" in proc.stderr
+    assert "0.2.0" in debugfs(m["state"] / deploy.ACTIVE, "cat /etc/os-release")
+    channel.write_text(f"repository: 127.0.0.1:{free_port()}/{NAME}\ntags: red-*-amd64\n")
+    proc = deploy_cli(m, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert "channel is not usable" in proc.stderr and "deploying the recovery system" in proc.stderr
+    assert "0.1.0-recovery" in debugfs(m["state"] / deploy.ACTIVE, "cat /etc/os-release")
+    assert not (m["state"] / "cOS/active.json").exists()
