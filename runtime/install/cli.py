@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
                     "next: -d IMAGE; without it the newest image of the upgrade channel (/etc/cos/upgrade.yaml) "
                     "when one is configured and reachable, else the running recovery system. Only in recovery mode.")
     p.add_argument("--no-verify", action="store_true",
-                   help="pull an image by tag; do not resolve, record and check its digest")
+                   help="do not check a pulled image against the registry (its digest is still recorded)")
     p.add_argument("--no-cosign", action="store_true", help="accepted (signature checks arrive with cosign)")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--reboot", action="store_true", help="reboot after a successful deploy")

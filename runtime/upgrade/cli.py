@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("-d", "--docker-image", metavar="IMAGE", help="REGISTRY/NAME:TAG or REGISTRY/NAME@DIGEST")
     src.add_argument("--directory", type=Path, help="a root tree to install instead of an image")
     p.add_argument("--no-verify", action="store_true",
-                   help="pull by tag; do not resolve, record and check the image's digest")
+                   help="do not check the unpacked image against the registry (its digest is still recorded)")
     p.add_argument("--no-cosign", action="store_true", help="accepted (signature checks arrive with cosign)")
     p.add_argument("--recovery", action="store_true", help="upgrade the recovery system on COS_RECOVERY instead")
     when = p.add_mutually_exclusive_group()

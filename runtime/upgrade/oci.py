@@ -6,9 +6,10 @@ order: whiteouts, hard links, xattrs, file capabilities).
     skopeo copy docker://REPO@DIGEST oci:DIR:cos   (pulled by digest: skopeo checks it)
     umoci raw unpack --image DIR:cos ROOTFS
 
-Verification (unless --no-verify): the image is pulled by its digest, and after the
-unpack the config blob the OCI layout holds must be the one the registry serves for that
-digest (the config names every layer's uncompressed digest, which umoci checks).
+The image is always pulled by its digest (resolved first, recorded beside the image: what
+"already up to date" compares). Verification (skipped by --no-verify): after the unpack
+the config blob the OCI layout holds must be the one the registry serves for that digest
+(the config names every layer's uncompressed digest, which umoci checks).
 
 skopeo reads /etc/containers/registries.conf itself (`insecure = true` for plain HTTP);
 credentials come from /etc/cos/registry-auth.json (containers-auth.json format) or
@@ -139,15 +140,15 @@ def _refusal(stderr: str, what: str) -> CosError:
 class Pulled:
     rootfs: Path
     image: str            # what the user asked for
-    digest: str | None    # the manifest digest pulled (None: a directory, or --no-verify by tag)
+    digest: str | None    # the manifest digest pulled (None: a directory)
 
 
 def pull(system: System, ref: Ref, work: Path, verify: bool, timings: Timings) -> Pulled:
     """The image unpacked into work/rootfs (work is off COS_STATE)."""
     skopeo = Skopeo(system, work)
     start = time.monotonic()
-    digest = skopeo.digest(ref) if verify else ref.digest
-    source = f"{ref.repository}@{digest}" if digest else str(ref)
+    digest = skopeo.digest(ref)   # recorded even with --no-verify: the channel compares it
+    source = f"{ref.repository}@{digest}"
     layout = work / "oci"
     log.info("pulling %s%s into %s", ref, f" ({digest})" if digest and not ref.digest else "", layout)
     skopeo.run("copy", "--quiet", f"docker://{source}", f"oci:{layout}:{OCI_TAG}", what=str(ref))
@@ -157,7 +158,7 @@ def pull(system: System, ref: Ref, work: Path, verify: bool, timings: Timings) -
     log.info("unpacking the layers into %s", rootfs)
     system.run(["umoci", "raw", "unpack", "--image", f"{layout}:{OCI_TAG}", rootfs])
     timings.add("unpack", start)
-    if verify and digest:
+    if verify:
         _verify(skopeo, layout, ref.repository, digest)
     return Pulled(rootfs, str(ref), digest)
 
