@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..system import CosError, System
 from ..upgrade.source import deploy_fetcher
-from . import deploy
+from . import deploy, reset
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +62,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             deploy.power(system, "reboot" if args.reboot else "poweroff")
     except CosError as e:
         print(f"cos-deploy: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def reset_main(argv: Sequence[str] | None = None) -> int:
+    """cos-reset [--reset-oem] [--reboot | --poweroff] [--strict] [--root DIR] [--state DIR] [--oem DIR]
+    [--persistent DIR] [--source DIR]"""
+    p = argparse.ArgumentParser(prog="cos-reset", description="In recovery mode: redeploy active and passive from "
+                                "the recovery system, wipe COS_PERSISTENT, keep COS_OEM unless --reset-oem.")
+    p.add_argument("--reset-oem", action="store_true", help="also empty COS_OEM (its grubenv is kept)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--reboot", action="store_true", help="reboot after a successful reset")
+    when.add_argument("--poweroff", action="store_true", help="power off after a successful reset")
+    p.add_argument("--strict", action="store_true", help="fail when the after-reset stage fails")
+    p.add_argument("--root", type=Path, default=Path("/"))
+    p.add_argument("--state", type=Path, help="a directory standing for COS_STATE")
+    p.add_argument("--oem", type=Path, help="a directory standing for COS_OEM")
+    p.add_argument("--persistent", type=Path, help="a directory standing for COS_PERSISTENT")
+    p.add_argument("--source", type=Path, help=f"the recovery tree (default {deploy.DEFAULT_SOURCE})")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="cos-reset: %(message)s", stream=sys.stderr)
+    system = System(root=args.root)
+    try:
+        reset.reset(system, deploy.Options(source=args.source, state=args.state, oem=args.oem, strict=args.strict),
+                    args.persistent, args.reset_oem)
+        if args.reboot or args.poweroff:
+            deploy.power(system, "reboot" if args.reboot else "poweroff")
+    except CosError as e:
+        print(f"cos-reset: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -78,9 +78,9 @@ class ImageSize:
 
 # ---- checks (nothing written) ---------------------------------------------------------------
 
-def check_recovery(system: System) -> None:
+def check_recovery(system: System, tool: str = "cos-deploy") -> None:
     if not system.path(RECOVERY_SENTINEL).exists():
-        raise CosError(f"cos-deploy runs only in recovery mode ({RECOVERY_SENTINEL} is missing)",
+        raise CosError(f"{tool} runs only in recovery mode ({RECOVERY_SENTINEL} is missing)",
                        "boot the 'cOS recovery' entry and run it there")
 
 
@@ -284,15 +284,16 @@ def _mark(state: Path, incomplete: bool) -> None:
     fsync_dir(marker.parent)
 
 
-def run_after_deploy(system: System, strict: bool) -> None:
-    """The after-deploy cloud-config stage, through the runner (runtime.cloudconfig)."""
+def run_after(system: System, stage: str, strict: bool) -> None:
+    """An after-* cloud-config stage (after-deploy, after-reset), through the runner."""
     from ..cloudconfig.runner import run_stage  # late: the runner loads yaml, deploy alone does not
 
-    if run_stage("after-deploy", system):  # the runner logs each failed step itself
+    if run_stage(stage, system):  # the runner logs each failed step itself
         return
     if strict:
-        raise CosError("the after-deploy stage failed", "see /run/cos/setup-after-deploy.log")
-    log.warning("the after-deploy stage failed (see /run/cos/setup-after-deploy.log); the deploy itself is complete")
+        raise CosError(f"the {stage} stage failed", f"see /run/cos/setup-{stage}.log")
+    log.warning("the %s stage failed (see /run/cos/setup-%s.log); the %s itself is complete",
+                stage, stage, stage.removeprefix("after-"))
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ def no_fetch(state: Path) -> Iterator[Fetched | None]:
     yield None
 
 
-def deploy(system: System, opts: Options, fetch: Fetcher = no_fetch) -> None:
+def deploy(system: System, opts: Options, fetch: Fetcher = no_fetch, stage: str | None = "after-deploy") -> None:
     check_recovery(system)
     if opts.source is not None:
         check_source(opts.source)
@@ -327,7 +328,8 @@ def deploy(system: System, opts: Options, fetch: Fetcher = no_fetch) -> None:
             check_source(source)
             _deploy_tree(system, source, state, oem, fetched.record if fetched else None)
         log.info("deployed: %s and %s on COS_STATE; the next boot starts 'cos'", ACTIVE, PASSIVE)
-        run_after_deploy(system, opts.strict)
+        if stage:
+            run_after(system, stage, opts.strict)
 
 
 def _deploy_tree(system: System, source: Path, state: Path, oem: Path, record: dict[str, str] | None) -> None:
