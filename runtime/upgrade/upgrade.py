@@ -10,7 +10,8 @@ a re-run completes:
      journal phase `written`. passive.img is still the old passive;
   4. passive.img <- a copy of active.img relabelled COS_PASSIVE (cos-deploy's
      make_passive), passive.json <- active.json; journal phase `passive`;
-  5. rename transition.img -> active.img, transition.json -> active.json; journal gone.
+  5. rename transition.img -> active.img, transition.json -> active.json, the new image's
+     boot menu (waiting as cOS/.new-grub.cfg, .new-bootargs.cfg) -> /etc/cos/; journal gone.
 Every rename is atomic and every file complete before it gets its final name, so
 active.img is always the old or the new system, whole. A re-run that finds the journal
 finishes steps 4-5 without pulling again.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from ..install import deploy, grubenv
 from ..install.durable import fsync_dir, read_record, remove_record, write_record
-from ..system import CosError, System
+from ..system import CosError, System, write_atomic
 from .oci import Pulled, Timings
 from .source import Options, check_cos_image, obtain, record_of, record_path, work_dir
 
@@ -50,6 +51,8 @@ def write_transition(system: System, pulled: Pulled, state: Path, keep_passive: 
     deploy.check_upgrade_space(state, size, passive_in_use=keep_passive)
     deploy.make_transition(system, pulled.rootfs, state, size)
     write_record(record_path(state, deploy.TRANSITION), record_of(pulled))
+    for name in deploy.MENU:   # the new image's boot menu, put in place with the image
+        write_atomic(_new_menu(state, name), (pulled.rootfs / name).read_bytes(), mode=0o644)
     write_record(state / JOURNAL, {"phase": "written", "keep_passive": keep_passive, "image": pulled.image})
     timings.add("write", start)
 
@@ -74,13 +77,24 @@ def swap(system: System, state: Path) -> dict[str, object]:
     if record_path(state, deploy.TRANSITION).exists():
         os.replace(record_path(state, deploy.TRANSITION), record_path(state, deploy.ACTIVE))
         fsync_dir(transition.parent)
+    for name in deploy.MENU:
+        if _new_menu(state, name).exists():
+            (state / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(_new_menu(state, name), state / name)
+            fsync_dir((state / name).parent)
     remove_record(state / JOURNAL)
     return journal
 
 
+def _new_menu(state: Path, name: str) -> Path:
+    """Where the new image's grub.cfg / bootargs.cfg wait on COS_STATE for the swap."""
+    return state / "cOS" / f".new-{Path(name).name}"
+
+
 def remove_leftovers(state: Path) -> None:
     """What a run killed before the journal existed leaves: an incomplete transition."""
-    for path in (state / deploy.TRANSITION, record_path(state, deploy.TRANSITION), state / deploy.PASSIVE_TMP):
+    for path in (state / deploy.TRANSITION, record_path(state, deploy.TRANSITION), state / deploy.PASSIVE_TMP,
+                 *(_new_menu(state, n) for n in deploy.MENU)):
         if path.exists():
             log.info("removing %s, left by an interrupted upgrade", path)
             path.unlink()

@@ -199,6 +199,7 @@ def assert_upgraded(m: dict[str, Path], digest: str | None) -> None:
     env = grubenv.read(m["oem"] / "grubenv")
     assert env["cos_trial"] == "1" and env["brand"] == "kept"
     assert not (m["root"] / "var/tmp" / upgrade_source.WORK_NAME).exists()
+    assert (state / "etc/cos/grub.cfg").read_bytes() == (MENU_SRC / "grub.cfg").read_bytes()   # the new menu
 
 
 # ---- tests ----------------------------------------------------------------------------------
