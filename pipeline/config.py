@@ -149,6 +149,14 @@ class BootOptions(StrictModel):
     secure_boot: bool = True
 
 
+class UpgradeChannel(StrictModel):
+    """Written into the image as /etc/cos/upgrade.yaml: what `cos-upgrade` with no image takes."""
+    repository: str = Field(pattern=r"^[A-Za-z0-9.-]+(:[0-9]+)?/[a-z0-9]+([._/-][a-z0-9]+)*$", max_length=255,
+                            description="REGISTRY/NAME the flavor's images are pushed to")
+    tags: str | None = Field(None, pattern=r"^[A-Za-z0-9_.*?\[\]-]{1,128}$",
+                             description="glob over the tags; default <flavor>-*-<arch> (what push tags)")
+
+
 class Flavor(StrictModel):
     name: str = Field(pattern=NAME_RE)
     description: Line
@@ -162,6 +170,7 @@ class Flavor(StrictModel):
     boot: BootOptions
     disk: DiskLayout
     clouds: CloudTargets = CloudTargets()
+    upgrade: UpgradeChannel | None = None
 
     @field_validator("packages")
     @classmethod

@@ -64,8 +64,12 @@ def compose(paths: FlavorPaths) -> str:
 
 def build_args(flavor: Flavor, version: str, base_ref: str, toolkit_tag: str) -> dict[str, str]:
     """What every flavor Dockerfile is given (tests check Dockerfiles use no other ARG)."""
+    channel = flavor.upgrade
     return {**flavor.image.build_args, "BASE_IMAGE": base_ref, "TOOLKIT_IMAGE": toolkit_tag,
-            "COS_FLAVOR": flavor.name, "COS_VERSION": version}
+            "COS_FLAVOR": flavor.name, "COS_VERSION": version,
+            # /etc/cos/upgrade.yaml (cos-upgrade's channel); empty: the image has none
+            "COS_UPGRADE_REPOSITORY": channel.repository if channel else "",
+            "COS_UPGRADE_TAGS": (channel.tags or f"{flavor.name}-*-{flavor.arch}") if channel else ""}
 
 
 def image_stage(ctx: FlavorContext) -> dict[str, Any]:
@@ -107,7 +111,11 @@ def push_stage(ctx: FlavorContext) -> dict[str, Any]:
     repo, _, tag = remote.rpartition(":")
     docker_engine.client().images.get(image["id"]).tag(repo, tag)
     digest = docker_engine.push(remote)
-    record = {"reference": remote, "digest": digest, "id": image["id"]}
+    # the moving tag a user's `FROM` names; the same manifest, so the same digest
+    latest = f"{repo}:{flavor.name}-latest-{flavor.arch}"
+    docker_engine.client().images.get(image["id"]).tag(repo, latest.rpartition(":")[2])
+    docker_engine.push(latest)
+    record = {"reference": remote, "digest": digest, "id": image["id"], "latest": latest}
     write_json_atomic(paths.state("push"), record)
     with manifest.update(paths.manifest) as data:
         data.setdefault("image", {}).update(pushed=f"{repo}@{digest}", digest=digest)

@@ -2,7 +2,9 @@
 
 1. $COS_VERSION when set (CI passes the pushed tag; a leading 'v' is dropped);
 2. else the highest tag vX.Y.Z[-pre] that points at HEAD;
-3. else, between tags, the flavor's configured version with -g<sha8> of HEAD;
+3. else, between tags, the flavor's configured version with -dev: the commit is not part
+   of the version (it goes into manifest.json), so a commit that changes nothing in the
+   image changes nothing in its files (os-release holds the version) and rebuilds nothing;
 4. else (not a git checkout) the configured version as is.
 
 The version names artifacts and the release tag (v<version>), so it must be a
@@ -19,6 +21,7 @@ from core import env as environ
 from .errors import ConfigError
 
 TAG_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)((?:[-+.~][0-9A-Za-z.+~-]+)?)$")
+DEV_SUFFIX = "-dev"   # a build between release tags
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}$")  # at most 64: it is in file names
 
 
@@ -61,8 +64,7 @@ def resolve(config_version: str, root: Path) -> str:
         return env
     if tagged := tag_version((_git(root, "tag", "--points-at", "HEAD") or "").split()):
         return tagged
-    sha = _git(root, "rev-parse", "HEAD")
-    return f"{config_version}-g{sha[:8]}" if sha else config_version
+    return f"{config_version}{DEV_SUFFIX}" if _git(root, "rev-parse", "HEAD") else config_version
 
 
 def head_commit(root: Path) -> str | None:
@@ -74,5 +76,5 @@ def release_tag(version: str) -> str:
 
 
 def is_tagged_release(version: str) -> bool:
-    """True for X.Y.Z[-pre] from a tag; False for a between-tags -g<sha8> build."""
-    return TAG_RE.match(f"v{version}") is not None and not re.search(r"-g[0-9a-f]{8}$", version)
+    """True for X.Y.Z[-pre] from a tag; False for a between-tags -dev build."""
+    return TAG_RE.match(f"v{version}") is not None and not version.endswith(DEV_SUFFIX)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import FlavorPaths, build_root, load_flavor
+from tests.runtime_vm import fallback, installed  # noqa: F401  (one deployed disk for all runtime QEMU tests)
 
 REPO = Path(__file__).resolve().parent.parent
 DOIT = [sys.executable, "-m", "doit", "--dir", str(REPO)]

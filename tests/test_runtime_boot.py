@@ -16,141 +16,21 @@ the next cos-deploy succeeds. The time from the first power-on of the vanilla di
 the login prompt of the deployed system is printed (README: "Measured")."""
 from __future__ import annotations
 
-import subprocess
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 
-from tests.qemu import VM, Drive, cidata_iso, grown_copy
+from tests.runtime_vm import (  # its fixtures (installed, fallback) are registered in tests/conftest.py
+    BROKEN_STEP,
+    LAYOUT_ONLY_USER_DATA,
+    SSH_KEY,
+    STATE_MIB,
+    boot,
+    check,
+    make_disk,
+    reboot,
+)
 from tests.test_boot import artifact, require
 
 pytestmark = [pytest.mark.slow, pytest.mark.boot]
-
-DISK_SIZE = "24G"
-STATE_MIB = 8192
-BOOT_TIMEOUT = 400      # s to a login prompt under TCG
-DEPLOY_TIMEOUT = 1500   # s for the first boot: recovery, layout, cos-deploy, reboot
-SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDyvS5WbEhG4cQ3l0uJbVnQ1hC1UG7y6f1mM4wqQ8x2d cos-test"
-BROKEN_STEP = "Deliberately broken step"
-
-DEPLOY_USER_DATA = f"""\
-name: "Default deployment"
-stages:
-  rootfs.after:
-    - name: "Repart image"
-      layout:
-        device: {{label: COS_RECOVERY}}
-        add_partitions:
-          - {{fsLabel: COS_STATE, size: {STATE_MIB}, pLabel: state}}
-          - {{fsLabel: COS_PERSISTENT, pLabel: persistent}}
-  initramfs:
-    - if: '[ -f "/run/cos/recovery_mode" ]'
-      name: "Let sshd wait for the deployment"
-      files:
-        - path: /etc/systemd/system/sshd.service.d/override.conf
-          content: |
-            [Unit]
-            After=cos-setup-network.service
-  boot:
-    - name: "Test user"
-      users:
-        cosuser:
-          passwd: "cosuser"
-          groups: [users]
-          ssh_authorized_keys:
-            - "{SSH_KEY}"
-    - name: "{BROKEN_STEP}"
-      commands:
-        - "exit 7"
-    - name: "After the broken step"
-      files:
-        - path: /run/cos/after-broken-step
-          content: "ran"
-  network:
-    - if: '[ -f "/run/cos/recovery_mode" ]'
-      name: "Deploy"
-      commands:
-        - cos-deploy --no-verify --no-cosign && shutdown -r now
-"""
-
-# The killed-deploy disk lays out the partitions but deploys only by hand.
-LAYOUT_ONLY_USER_DATA = DEPLOY_USER_DATA.split("  initramfs:")[0]
-
-
-@dataclass
-class Disk:
-    path: Path
-    cidata: Path
-
-    def vm(self, name: str) -> VM:
-        return VM(Drive(self.path, snapshot=False), name=name, extra=[Drive(self.cidata, media="cdrom")])
-
-
-def make_disk(raw: Path, work: Path, user_data: str) -> Disk:
-    """A sparse copy of the vanilla disk grown to DISK_SIZE, and its NoCloud seed."""
-    work.mkdir(parents=True, exist_ok=True)
-    return Disk(grown_copy(raw, work / "disk.raw", DISK_SIZE), cidata_iso(work, user_data))
-
-
-def boot(disk: Disk, name: str) -> VM:
-    return disk.vm(name).boot(BOOT_TIMEOUT)
-
-
-def reboot(vm: VM, disk: Disk, name: str) -> VM:
-    """`reboot` in the guest ends QEMU (-no-reboot); start it again on the same disk."""
-    vm.send("systemctl reboot")
-    try:
-        assert vm.proc
-        vm.proc.wait(timeout=180)
-    except subprocess.TimeoutExpired:
-        raise vm.fail("did not go down within 180 s") from None
-    finally:
-        vm.stop()
-    return boot(disk, name)
-
-
-def check(vm: VM, ok: bool, what: str) -> None:
-    if not ok:
-        raise vm.fail(what)
-
-
-@dataclass
-class Installed:
-    disk: Disk
-    first_boot: VM          # the recovery boot that deployed (stopped)
-    vm: VM                  # the deployed system, logged in
-    seconds_to_login: float
-
-
-@pytest.fixture(scope="session")
-def installed(flavor_build, build_dir, tmp_path_factory):
-    """Boots 1 and 2: the vanilla disk deploys itself; the deployed system is logged in."""
-    require("uefi")
-    disk = make_disk(artifact(flavor_build, build_dir, "raw"), tmp_path_factory.mktemp("deployed"),
-                     DEPLOY_USER_DATA)
-    first = disk.vm("deploy-boot1").start()
-    try:
-        first.expect(r"cos-setup-network|Deploy", DEPLOY_TIMEOUT)  # the network stage started
-        assert first.proc
-        first.proc.wait(timeout=DEPLOY_TIMEOUT)  # cos-deploy && shutdown -r now: QEMU exits
-    except subprocess.TimeoutExpired:
-        raise first.fail(f"the first boot did not deploy and reboot within {DEPLOY_TIMEOUT} s") from None
-    finally:
-        first.stop()
-    first_seconds = time.monotonic() - first.started
-    print(f"[deploy-boot1] recovery boot, layout and cos-deploy: {first_seconds:.0f} s", flush=True)
-    vm = boot(disk, "deploy-boot2")
-    assert vm.login_seconds is not None
-    total = first_seconds + vm.login_seconds
-    print(f"\nMEASURED: vanilla disk power-on -> login prompt of the deployed system: {total:.0f} s "
-          f"(recovery + layout + deploy {first_seconds:.0f} s, then {vm.login_seconds:.0f} s to login) "
-          f"under TCG", flush=True)
-    holder = Installed(disk, first, vm, total)
-    yield holder
-    holder.vm.stop()
-
 
 def test_first_boot_laid_out_state_and_persistent(installed):
     vm = installed.vm
@@ -201,17 +81,6 @@ def test_cloud_config_applied_and_broken_step_does_not_stop_the_boot(installed):
     keys = vm.run("cat /home/cosuser/.ssh/authorized_keys")
     check(vm, SSH_KEY in keys, f"authorized_keys: {keys}")
     check(vm, vm.run("hostname") == "cos", "default hostname from /system/oem not applied")
-
-
-@pytest.fixture(scope="session")
-def fallback(installed):
-    """Boot 3: files written on the active system, next_entry=fallback, reboot."""
-    vm = installed.vm
-    vm.run("echo etc > /etc/cos-test-etc && echo home > /home/cos-test-home"
-           " && echo local > /usr/local/cos-test-local && sync")
-    vm.run("grub-editenv /oem/grubenv set next_entry=fallback && sync")
-    installed.vm = reboot(vm, installed.disk, "deploy-boot3-fallback")
-    return installed.vm
 
 
 def test_fallback_entry_boots_the_passive_image(fallback):

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ from pathlib import Path
 from ..system import CosError, System, write_atomic
 from . import grubenv
 from .disks import MIB, find_partition, mounts_of
-from .durable import fsync_dir, fsync_file
+from .durable import fsync_dir, fsync_file, remove_record, write_record
 
 log = logging.getLogger("cos.deploy")
 
@@ -78,9 +78,9 @@ class ImageSize:
 
 # ---- checks (nothing written) ---------------------------------------------------------------
 
-def check_recovery(system: System) -> None:
+def check_recovery(system: System, tool: str = "cos-deploy") -> None:
     if not system.path(RECOVERY_SENTINEL).exists():
-        raise CosError(f"cos-deploy runs only in recovery mode ({RECOVERY_SENTINEL} is missing)",
+        raise CosError(f"{tool} runs only in recovery mode ({RECOVERY_SENTINEL} is missing)",
                        "boot the 'cOS recovery' entry and run it there")
 
 
@@ -92,6 +92,17 @@ def check_source(source: Path) -> None:
         if not (source / name).is_file():
             raise CosError(f"{source}/{name} is missing: the system to deploy has no boot menu",
                            "add package cos-grub to the flavor")
+
+
+def resolve_in(root: Path, rel: str) -> Path:
+    """`rel` inside the tree `root`, its absolute symlinks resolved in `root` (never on the host)."""
+    path = root / rel
+    for _ in range(16):
+        if not path.is_symlink():
+            return path
+        target = Path(os.readlink(path))
+        path = root / str(target).lstrip("/") if target.is_absolute() else path.parent / target
+    return path
 
 
 def _allocated(st: os.stat_result) -> int:
@@ -147,7 +158,7 @@ def check_not_deployed(state: Path, force: bool) -> None:
 # ---- where COS_STATE and COS_OEM are ----------------------------------------------------------
 
 @contextmanager
-def _mounted(system: System, label: str, where: str, hint: str) -> Iterator[Path]:
+def mounted(system: System, label: str, where: str, hint: str) -> Iterator[Path]:
     """The partition labelled `label`, read-write: where it is already mounted, else
     mounted at `where` (in the System root) and unmounted afterwards."""
     try:
@@ -176,26 +187,26 @@ def _mounted(system: System, label: str, where: str, hint: str) -> Iterator[Path
 
 
 @contextmanager
-def _given(path: Path, what: str) -> Iterator[Path]:
+def given_dir(path: Path, what: str) -> Iterator[Path]:
     if not path.is_dir():
         raise CosError(f"{what} directory {path} does not exist")
     yield path
 
 
-def _state(system: System, opts: Options) -> AbstractContextManager[Path]:
+def state_dir(system: System, opts: Options) -> AbstractContextManager[Path]:
     if opts.state is not None:
-        return _given(opts.state, "--state")
-    return _mounted(system, STATE_LABEL, STATE_MOUNT,
+        return given_dir(opts.state, "--state")
+    return mounted(system, STATE_LABEL, STATE_MOUNT,
                     "the cloud-config `layout` step makes it: add_partitions: [{fsLabel: COS_STATE, "
                     "pLabel: state, size: 8192}] in a rootfs stage, then boot recovery again")
 
 
-def _oem(system: System, opts: Options) -> AbstractContextManager[Path]:
+def oem_dir(system: System, opts: Options) -> AbstractContextManager[Path]:
     if opts.oem is not None:
-        return _given(opts.oem, "--oem")
+        return given_dir(opts.oem, "--oem")
     if os.path.ismount(system.path(OEM_MOUNT)):
-        return _given(system.path(OEM_MOUNT), OEM_MOUNT)
-    return _mounted(system, OEM_LABEL, OEM_FALLBACK_MOUNT, "COS_OEM holds GRUB's grubenv: is this a cOS disk?")
+        return given_dir(system.path(OEM_MOUNT), OEM_MOUNT)
+    return mounted(system, OEM_LABEL, OEM_FALLBACK_MOUNT, "COS_OEM holds GRUB's grubenv: is this a cOS disk?")
 
 
 # ---- writing --------------------------------------------------------------------------------
@@ -219,15 +230,38 @@ def write_menu(source: Path, state: Path) -> None:
     fsync_dir((state / MENU[0]).parent)
 
 
-def make_active(system: System, source: Path, state: Path, size: ImageSize) -> None:
-    """mkfs.ext4 -d into transition.img, then rename: active.img is whole or absent."""
+def make_transition(system: System, source: Path, state: Path, size: ImageSize, label: str = ACTIVE_LABEL) -> Path:
+    """mkfs.ext4 -d into transition.img (fsynced): the new image, not yet in place."""
     transition = state / TRANSITION
-    log.info("building %s (%d MiB, sparse) from %s", ACTIVE, size.bytes // MIB, source)
-    system.run(["mkfs.ext4", "-q", "-F", "-L", ACTIVE_LABEL, "-b", str(BLOCK), "-m", "0", "-N", str(size.inodes),
+    log.info("building %s (%d MiB, sparse) from %s", TRANSITION, size.bytes // MIB, source)
+    system.run(["mkfs.ext4", "-q", "-F", "-L", label, "-b", str(BLOCK), "-m", "0", "-N", str(size.inodes),
                 "-E", "nodiscard", "-d", source, transition, f"{size.bytes // 1024}k"])
     fsync_file(transition)
+    return transition
+
+
+def make_active(system: System, source: Path, state: Path, size: ImageSize) -> None:
+    """transition.img, then rename: active.img is whole or absent."""
+    transition = make_transition(system, source, state, size)
     os.replace(transition, state / ACTIVE)
     fsync_dir(transition.parent)
+
+
+def check_upgrade_space(state: Path, size: ImageSize, passive_in_use: bool = False) -> None:
+    """Room on COS_STATE for an upgrade, counted before anything is written: transition.img
+    beside the old active and passive (passive is not touched until the new image is
+    complete), then the copy of the old active that replaces passive (the old passive's
+    blocks are free again by then, unless it is the running system)."""
+    st = os.statvfs(state)
+    free = st.f_bavail * st.f_frsize
+    old_active = _held(state / ACTIVE)
+    old_passive = 0 if passive_in_use else _held(state / PASSIVE)
+    need = size.bytes + old_active
+    if free < size.bytes or free + old_passive < need:
+        raise CosError(f"COS_STATE has {(free + old_passive) // MIB} MiB free for the upgrade, it needs "
+                       f"{need // MIB} MiB (transition.img {size.bytes // MIB} MiB + the old active kept as "
+                       f"passive.img {old_active // MIB} MiB); nothing was changed",
+                       "grow COS_STATE (cloud-config layout step) or use a smaller image")
 
 
 def make_passive(system: System, state: Path) -> None:
@@ -250,39 +284,73 @@ def _mark(state: Path, incomplete: bool) -> None:
     fsync_dir(marker.parent)
 
 
-def run_after_deploy(system: System, strict: bool) -> None:
-    """The after-deploy cloud-config stage, through the runner (runtime.cloudconfig)."""
+def run_after(system: System, stage: str, strict: bool) -> None:
+    """An after-* cloud-config stage (after-deploy, after-reset), through the runner."""
     from ..cloudconfig.runner import run_stage  # late: the runner loads yaml, deploy alone does not
 
-    if run_stage("after-deploy", system):  # the runner logs each failed step itself
+    if run_stage(stage, system):  # the runner logs each failed step itself
         return
     if strict:
-        raise CosError("the after-deploy stage failed", "see /run/cos/setup-after-deploy.log")
-    log.warning("the after-deploy stage failed (see /run/cos/setup-after-deploy.log); the deploy itself is complete")
+        raise CosError(f"the {stage} stage failed", f"see /run/cos/setup-{stage}.log")
+    log.warning("the %s stage failed (see /run/cos/setup-%s.log); the %s itself is complete",
+                stage, stage, stage.removeprefix("after-"))
 
 
-def deploy(system: System, opts: Options) -> None:
+@dataclass(frozen=True)
+class Fetched:
+    """An image pulled for `cos-deploy -d`: its unpacked tree and the record kept beside
+    active.img / passive.img (cOS/active.json: image, digest)."""
+    rootfs: Path
+    record: dict[str, str]
+
+
+# Given COS_STATE (to keep temporary data off it), yields the pulled image, or None for the
+# recovery system; the work directory is removed when the context ends.
+Fetcher = Callable[[Path], AbstractContextManager[Fetched | None]]
+
+
+@contextmanager
+def no_fetch(state: Path) -> Iterator[Fetched | None]:
+    yield None
+
+
+def deploy(system: System, opts: Options, fetch: Fetcher = no_fetch, stage: str | None = "after-deploy") -> None:
     check_recovery(system)
-    source = opts.source or system.path(DEFAULT_SOURCE)
-    check_source(source)
-    with _state(system, opts) as state, _oem(system, opts) as oem:
+    if opts.source is not None:
+        check_source(opts.source)
+    with state_dir(system, opts) as state, oem_dir(system, opts) as oem:
         check_not_deployed(state, opts.force)
         remove_leftovers(state, oem)
-        size = image_size(source)
-        check_space(state, size)
-        (state / ACTIVE).parent.mkdir(parents=True, exist_ok=True)
-        _mark(state, incomplete=True)
-        try:
-            write_menu(source, state)
-            make_active(system, source, state, size)
-            make_passive(system, state)
-            grubenv.update(oem / GRUBENV, next_entry="cos")
-        except CosError:
-            remove_leftovers(state, oem)   # a failed mkfs/copy leaves no half image behind
-            raise
-        _mark(state, incomplete=False)
+        with fetch(state) as fetched:
+            source = fetched.rootfs if fetched else opts.source or system.path(DEFAULT_SOURCE)
+            if fetched is None:
+                log.info("deploying the recovery system (%s)", source)
+            check_source(source)
+            _deploy_tree(system, source, state, oem, fetched.record if fetched else None)
         log.info("deployed: %s and %s on COS_STATE; the next boot starts 'cos'", ACTIVE, PASSIVE)
-        run_after_deploy(system, opts.strict)
+        if stage:
+            run_after(system, stage, opts.strict)
+
+
+def _deploy_tree(system: System, source: Path, state: Path, oem: Path, record: dict[str, str] | None) -> None:
+    size = image_size(source)
+    check_space(state, size)
+    (state / ACTIVE).parent.mkdir(parents=True, exist_ok=True)
+    _mark(state, incomplete=True)
+    try:
+        write_menu(source, state)
+        for name in (ACTIVE, PASSIVE):   # the records of what was there go first: never a stale one
+            remove_record(state / Path(name).with_suffix(".json"))
+        make_active(system, source, state, size)
+        make_passive(system, state)
+        if record is not None:
+            for name in (ACTIVE, PASSIVE):
+                write_record(state / Path(name).with_suffix(".json"), record)
+        grubenv.update(oem / GRUBENV, next_entry="cos")
+    except CosError:
+        remove_leftovers(state, oem)   # a failed mkfs/copy leaves no half image behind
+        raise
+    _mark(state, incomplete=False)
 
 
 def power(system: System, action: str) -> None:
