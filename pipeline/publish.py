@@ -66,6 +66,7 @@ def image_spec(ctx: FlavorContext, cloud: str, verify: bool = True) -> ImageSpec
         raise PipelineError(f"{disk}: content differs from the manifest's sha256 {art['sha256'][:12]}",
                             f"rebuild: doit build-{flavor.name}")
     return ImageSpec(flavor=flavor.name, version=version, arch=flavor.arch, disk=disk, disk_sha256=art["sha256"],
+                     secure_boot=flavor.boot.secure_boot,
                      description=f"{flavor.description} {version} ({flavor.arch})")
 
 

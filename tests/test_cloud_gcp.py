@@ -78,6 +78,15 @@ def test_arm64_architecture(gcp, cloud_build_dir):
     assert gcp.gce.inserts()[0]["architecture"] == "ARM64"
 
 
+def test_no_secure_boot_feature_when_the_flavor_opts_out(gcp, cloud_build_dir):
+    # boot.secure_boot: false builds an unsigned EFI GRUB: GCE must not enforce Secure Boot on it
+    red = make_flavor({}).model_dump()["boot"]
+    flavor = make_flavor({"gcp": gcp_target()}, name="gcnosb", boot={**red, "secure_boot": False})
+    publish.publish_stage(FlavorContext(flavor, flavor_paths(flavor), "0.1.0"), "gcp")
+    assert [f["type"] for f in gcp.gce.inserts()[0]["guestOsFeatures"]] == ["UEFI_COMPATIBLE", "VIRTIO_SCSI_MULTIQUEUE",
+                                                                            "GVNIC"]
+
+
 def test_throttling_and_5xx_are_retried(gcp, cloud_build_dir):
     faults = [gcp.gce.fail("POST", r"/global/images$", 2, 503), gcp.gce.fail("GET", r"/images/cos-", 1, 429),
               gcp.gce.fail("POST", r"/wait$", 1, 500)]
