@@ -104,6 +104,19 @@ def host_port(value: str) -> str:
     return value.strip()
 
 
+def registry(value: str) -> str:
+    """`host[:port][/namespace]`: where OS images are pushed (a namespace such as a GitHub
+    owner on registries that need one; the image's repository goes below it)."""
+    address, _, namespace = value.strip().partition("/")
+    try:
+        host_port(address)
+    except ValueError:
+        raise ValueError("is not host[:port][/namespace] (e.g. 127.0.0.1:5000)") from None
+    if namespace and not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*", namespace):
+        raise ValueError("has a namespace that is not lower-case path words (e.g. host/my-org)")
+    return value.strip()
+
+
 def url(value: str, schemes: tuple[str, ...] = ("https", "http")) -> str:
     """An absolute URL with one of `schemes` and a host (no spaces or control characters)."""
     v = _text(value.strip())
@@ -142,7 +155,9 @@ VARS: dict[str, Var] = {v.name: v for v in [
     Var("COS_BUILD_DIR", _path, "a directory path for the build outputs"),
     Var("COS_FLAVORS_DIR", _directory, "point it at a directory holding defaults.yaml and <flavor>/flavor.yaml"),
     Var("COS_VERSION", _text, "e.g. 1.2.3 or v1.2.3 (its format: pipeline.version)"),
-    Var("COS_REGISTRY", host_port, "a registry as host[:port], e.g. 127.0.0.1:5000"),
+    Var("COS_REGISTRY", registry, "a registry as host[:port][/namespace], e.g. 127.0.0.1:5000"),
+    Var("COS_REGISTRY_USERNAME", _text, "the user name the registry knows (with COS_REGISTRY_PASSWORD)"),
+    Var("COS_REGISTRY_PASSWORD", _secret, "the registry password or token, on one line", secret=True),
     Var("COS_DEBIAN_MIRROR", _mirror, "e.g. http://<mirror host>/debian"),
     # 1980 (FAT, ISO dates) .. 2099: outside, mkfs and xorriso fail late or wrap around
     Var("SOURCE_DATE_EPOCH", _int(315532800, 4102444799), "seconds since 1970, e.g. $(git log -1 --format=%ct)"),

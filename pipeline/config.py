@@ -57,7 +57,7 @@ def _one_line(value: str) -> str:
 
 
 def _registry(value: str | None) -> str | None:
-    return None if value is None else env.host_port(value)
+    return None if value is None else env.registry(value)
 
 
 def _mirror(value: str | None) -> str | None:
@@ -97,7 +97,7 @@ class BaseImage(StrictModel):
 class ImageOptions(StrictModel):
     repository: str = Field(pattern=r"^[a-z0-9]+([._/-][a-z0-9]+)*$", max_length=128)
     registry: Annotated[str | None, AfterValidator(_registry)] = Field(
-        None, description="host[:port] to push to; $COS_REGISTRY overrides")
+        None, description="host[:port][/namespace] to push to; $COS_REGISTRY overrides")
     build_args: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], Line] = Field(
         {}, max_length=64)
 

@@ -143,10 +143,18 @@ def push(ref: str) -> str:
     """Push `ref`; return the registry digest (sha256:...)."""
     repo, _, tag = ref.rpartition(":")
     digest = None
-    for chunk in api().push(repo, tag=tag, stream=True, decode=True):
+    user, password = env.get("COS_REGISTRY_USERNAME"), env.get("COS_REGISTRY_PASSWORD")
+    if bool(user) != bool(password):
+        raise PipelineError("only one of COS_REGISTRY_USERNAME and COS_REGISTRY_PASSWORD is set",
+                            "set both (the registry's user and its password or token), or neither")
+    # passed per push, not stored by `docker login` in a config file on the runner
+    auth = {"username": user, "password": password} if user else None
+    for chunk in api().push(repo, tag=tag, stream=True, decode=True, auth_config=auth):
         if "error" in chunk:
             raise PipelineError(f"docker push {ref} failed: {chunk['error']}",
-                                "check that the registry is reachable and accepts pushes")
+                                "check that the registry is reachable and accepts pushes"
+                                + ("" if auth else "; if it needs credentials, set COS_REGISTRY_USERNAME "
+                                   "and COS_REGISTRY_PASSWORD"))
         digest = chunk.get("aux", {}).get("Digest", digest)
     if not digest:
         raise PipelineError(f"docker push {ref} did not report a digest")

@@ -12,6 +12,7 @@ from .config import Flavor, FlavorContext, FlavorPaths
 from .errors import PipelineError
 from .files import atomic_path, write_json_atomic
 from .packages import build_toolkit
+from .version import head_commit
 
 log = logging.getLogger("cos.image")
 
@@ -87,6 +88,11 @@ def image_stage(ctx: FlavorContext) -> dict[str, Any]:
               "org.opencontainers.image.title": f"cOS {flavor.name}",
               "org.opencontainers.image.base.name": flavor.base.ref,
               "org.cos-pipeline.flavor": flavor.name}
+    # the commit goes into a label and the manifest, never into the image's files: the image
+    # task is not keyed on it, so a commit that changes nothing in the image rebuilds nothing
+    commit = head_commit(paths.root)
+    if commit:
+        labels["org.opencontainers.image.revision"] = commit
     dockerfile = paths.build / "Dockerfile"
     with atomic_path(dockerfile) as tmp:
         tmp.write_text(compose(paths))
@@ -97,7 +103,7 @@ def image_stage(ctx: FlavorContext) -> dict[str, Any]:
     write_json_atomic(paths.state("image"), record)
     manifest.set_fields(paths.manifest, flavor=flavor.name, version=version, arch=flavor.arch,
                         image={"reference": tag, "id": image_id, "base": base["ref"],
-                               "base_id": base["id"]},
+                               "base_id": base["id"], "commit": commit},
                         source_date_epoch=record["source_date_epoch"])
     return record
 

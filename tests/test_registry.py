@@ -1,49 +1,36 @@
 """The OS image is pushed when a registry is configured: against a real registry v2
 server (Debian's docker-registry) on 127.0.0.1, the pushed manifest's digest is the one
-recorded in the manifest, the image can be pulled by digest, and a re-run pushes nothing."""
+recorded in the manifest, the image can be pulled by digest, the moving <flavor>-latest-<arch>
+tag is the same manifest, the commit is in the manifest and the image's labels, and a re-run
+pushes nothing. A registry with credentials (htpasswd) and a namespace, as the release
+workflow uses the repository's registry: refused without them with a hint, pushed with them."""
 from __future__ import annotations
 
+import base64
 import json
-import shutil
-import socket
-import subprocess
-import time
 import urllib.request
 
 import pytest
+
+from tests.servers.registry import start_registry, stop
 
 from .conftest import executed_tasks, run_doit
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def registry(tmp_path):
+    reg = start_registry(tmp_path / "registry")
+    yield reg.address
+    stop(reg.proc)
 
 
 @pytest.fixture
-def registry(tmp_path):
-    binary = shutil.which("docker-registry")
-    if binary is None:
-        pytest.fail("docker-registry not installed: apt-get install docker-registry (./dev setup does)")
-    port = _free_port()
-    config = tmp_path / "config.yml"
-    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path}/data\n"
-                      f"http:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{url}/v2/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+def auth_registry(tmp_path):
+    reg = start_registry(tmp_path / "auth-registry", auth=True)
+    yield reg
+    stop(reg.proc)
 
 
 def test_push_to_local_registry(red_build, red_paths, registry, docker_client):
@@ -63,4 +50,35 @@ def test_push_to_local_registry(red_build, red_paths, registry, docker_client):
     assert manifest["image"]["digest"] == served
     pulled = docker_client.images.pull(f"{repo}@{served}")
     assert pulled.id == json.loads(red_paths.state("image").read_text())["id"]
+    # the moving tag a user's FROM names is the same manifest
+    latest = "red-latest-x86_64"
+    assert pushed["latest"] == f"{repo}:{latest}"
+    req = urllib.request.Request(f"http://{registry}/v2/{path}/manifests/{latest}", method="HEAD",
+                                 headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    assert urllib.request.urlopen(req).headers["Docker-Content-Digest"] == served
+    # the commit is in the manifest and the image's labels (not in its files)
+    commit = manifest["image"]["commit"]
+    assert len(commit) == 40 and pulled.labels["org.opencontainers.image.revision"] == commit
+    assert manifest["image"]["pushed"] == f"{repo}@{served}"
     assert executed_tasks(run_doit("build-red", env=env).stdout) == []
+
+
+def test_push_with_credentials_and_a_namespace(red_build, red_paths, auth_registry):
+    # what the release workflow does with the repository's registry: host/owner + a token
+    target = f"{auth_registry.address}/my-org"
+    denied = run_doit("build-red", env={"COS_REGISTRY": target}, check=False)
+    assert denied.returncode != 0
+    assert "set COS_REGISTRY_USERNAME and COS_REGISTRY_PASSWORD" in denied.stdout + denied.stderr
+    assert auth_registry.password not in denied.stdout + denied.stderr
+    env = {"COS_REGISTRY": target, "COS_REGISTRY_USERNAME": auth_registry.user,
+           "COS_REGISTRY_PASSWORD": auth_registry.password}
+    assert "build-red:push" in executed_tasks(run_doit("build-red", env=env).stdout)
+    pushed = json.loads(red_paths.state("push").read_text())
+    assert pushed["reference"].startswith(f"{target}/")
+    repo, _, tag = pushed["reference"].rpartition(":")
+    path = repo.split("/", 1)[1]
+    req = urllib.request.Request(f"http://{auth_registry.address}/v2/{path}/manifests/{tag}", method="HEAD",
+                                 headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json",
+                                          "Authorization": "Basic " + base64.b64encode(
+                                              f"{auth_registry.user}:{auth_registry.password}".encode()).decode()})
+    assert urllib.request.urlopen(req).headers["Docker-Content-Digest"] == pushed["digest"]

@@ -308,7 +308,7 @@ def test_zizmor_audit_fails_on_each_fault(tmp_path):
 def test_release_workflow():
     wf = load(REPO / ".github/workflows/release.yml")
     assert wf["on"]["push"]["tags"] == ["v*"]
-    assert wf["permissions"] == {"contents": "write", "id-token": "write"}
+    assert wf["permissions"] == {"contents": "write", "id-token": "write", "packages": "write"}
     job = wf["jobs"]["release"]
     matrix = job["strategy"]["matrix"]
     assert sorted(matrix["flavor"]) == flavor_names(), "the release matrix must cover every flavor"
@@ -324,6 +324,11 @@ def test_release_workflow():
     assert "workload_identity_provider" in uses["google-github-actions/auth"]["with"]
     release_step = job["steps"][order[-1]]
     assert release_step["env"]["GITHUB_TOKEN"] == "${{ secrets.GITHUB_TOKEN }}"
+    # the OS image is pushed by the build step (build-<f>:push) when COS_REGISTRY is set,
+    # with the job's token, so the release's images-*.txt names it by registry digest
+    assert job["env"]["COS_REGISTRY"] == "${{ vars.COS_REGISTRY }}"
+    build_env = job["steps"][order[1]]["env"]
+    assert "secrets.GITHUB_TOKEN" in build_env["COS_REGISTRY_PASSWORD"] and build_env["COS_REGISTRY_USERNAME"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)

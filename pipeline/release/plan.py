@@ -303,6 +303,8 @@ def release_notes(plan: Plan, data: dict[str, Any], cloud: dict[str, Any]) -> st
              f"- flavor: `{plan.flavor}`, version `{plan.version}`, arch `{plan.arch}`",
              f"- OS image: `{image_reference(data)}`",
              f"- image digest: `{image.get('digest') or image.get('id', '')}`"]
+    if image.get("commit"):
+        lines.append(f"- built from commit `{image['commit']}`")
     if cloud:
         lines += ["- cloud images:"] + [f"  - {k}: `{v}`" for k, v in _leaves(cloud)]
     lines += ["", "| file | bytes | sha256 |", "|---|---:|---|"]
