@@ -41,7 +41,7 @@ _DEBIAN = Chain("shim-signed grub-efi-amd64-signed",
                 "usr/lib/grub/x86_64-efi-signed/gcdx64.efi.signed")
 
 # One row per distro. Debian's paths are checked against its packages (and by the red build);
-# Ubuntu's shim-signed ships shimx64.efi.signed.latest and its shim package a signed
+# Ubuntu's shim-signed ships shimx64.efi.signed.latest (symlinks resolved: see resolve) and its shim package a signed
 # mmx64.efi; openSUSE's from its shim-install (source_dir /usr/share/efi/<arch>); Fedora's
 # from the shim-x64 / grub2-efi-x64 file lists. All are checked again at build time.
 CHAINS: dict[str, Chain] = {
@@ -145,9 +145,44 @@ def shim_names(data: bytes) -> set[str]:
     return set(re.findall(r"\\([A-Za-z0-9_]+\.efi)", text))
 
 
+def _link_target(squashfs: Path, path: str) -> str | None:
+    """The target of `path` if it is a symlink in the image (rdsquashfs -s), else None."""
+    proc = run(["rdsquashfs", "-s", path, squashfs], capture=True, check=False)
+    if proc.returncode != 0 or b"Inode type: symbolic link" not in proc.stdout:
+        return None
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        if line.startswith("Link target: "):
+            return line.removeprefix("Link target: ")
+    return None
+
+
+def resolve(squashfs: Path, inner: str, hops: int = 40) -> str:
+    """`inner` with every symlink in it resolved inside the image, as the kernel would under
+    a chroot (rdsquashfs follows none: Ubuntu's shim is a link to .latest, /lib to usr/lib)."""
+    done: list[str] = []
+    todo = [p for p in inner.split("/") if p]
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            done = done[:-1]
+            continue
+        if part == ".":
+            continue
+        target = _link_target(squashfs, "/" + "/".join([*done, part]))
+        if target is None:
+            done.append(part)
+            continue
+        hops -= 1
+        if hops < 0:
+            raise PipelineError(f"{squashfs.name}: /{inner} has too many levels of symbolic links")
+        done = [] if target.startswith("/") else done
+        todo = [p for p in target.split("/") if p] + todo
+    return "/".join(done)
+
+
 def read_file(squashfs: Path, inner: str, dest: Path, chain: Chain) -> Path:
     """One file of the image, copied out of its squashfs (rdsquashfs -c writes it to stdout)."""
-    proc = run(["rdsquashfs", "-c", f"/{inner}", squashfs], capture=True, check=False)
+    proc = run(["rdsquashfs", "-c", f"/{resolve(squashfs, inner)}", squashfs], capture=True, check=False)
     if proc.returncode != 0 or not proc.stdout:
         raise PipelineError(f"{squashfs.name} has no /{inner} (Secure Boot chain)",
                             f"install {chain.package_hint} in the flavor's Dockerfile, "

@@ -62,6 +62,27 @@ def test_missing_chain_names_the_packages_and_the_opt_out(tmp_path):
     assert "shim-signed grub-efi-amd64-signed" in err.value.hint and "secure_boot: false" in err.value.hint
 
 
+def test_chain_files_behind_symlinks_are_resolved_in_the_image(tmp_path, host_grub):
+    # Ubuntu: shimx64.efi.signed.latest may be a link; merged /usr: /lib -> usr/lib. A link
+    # is resolved inside the image (an absolute target is the image's root, not the host's).
+    tree = tmp_path / "tree"
+    (tree / "usr/lib/shim").mkdir(parents=True)
+    (tree / "usr/lib/shim/shimx64.efi.signed.real").write_bytes(host_grub.read_bytes())
+    (tree / "usr/lib/shim/shimx64.efi.signed.latest").symlink_to("shimx64.efi.signed.real")
+    (tree / "usr/lib/shim/abs").symlink_to("/usr/lib/shim/shimx64.efi.signed.latest")
+    (tree / "lib").symlink_to("usr/lib")
+    (tree / "loop").symlink_to("loop")
+    sqfs = _squashfs(tmp_path, {})
+    assert bootchain.resolve(sqfs, "lib/shim/abs") == "usr/lib/shim/shimx64.efi.signed.real"
+    assert bootchain.resolve(sqfs, "usr/lib/shim/../shim/shimx64.efi.signed.latest") == \
+        "usr/lib/shim/shimx64.efi.signed.real"
+    chain = bootchain.CHAINS["ubuntu"]
+    out = bootchain.read_file(sqfs, "lib/shim/shimx64.efi.signed.latest", tmp_path / "shim.efi", chain)
+    assert out.read_bytes() == host_grub.read_bytes()
+    with pytest.raises(PipelineError, match="too many levels of symbolic links"):
+        bootchain.resolve(sqfs, "loop/x")
+
+
 def test_unsigned_chain_is_refused(tmp_path, host_grub):
     chain = bootchain.CHAINS["debian"]
     sqfs = _squashfs(tmp_path, {p: host_grub for p in (chain.shim, chain.mok_manager, chain.grub)})
