@@ -195,7 +195,6 @@ def read_file(squashfs: Path, inner: str, dest: Path, chain: Chain) -> Path:
 class EspChain:
     files: dict[str, Path]       # ESP path -> extracted file
     config_path: str             # where the signed GRUB reads its config on the ESP
-    grub_modules: frozenset[str] = frozenset()  # built into that GRUB
 
 
 def extract(squashfs: Path, distro: str, dest: Path, *, cd: bool = False) -> EspChain:
@@ -223,20 +222,7 @@ def extract(squashfs: Path, distro: str, dest: Path, *, cd: bool = False) -> Esp
                                 f"fix pipeline/bootchain.py CHAINS[{distro!r}]")
     grub = read_grub(files[f"{ESP_DIR}/{chain.loader_name}"].read_bytes(), f"/{grub_src}")
     require_modules(grub, f"/{grub_src}")
-    return EspChain(files, f"{grub.prefix}/grub.cfg".replace("//", "/"), grub.modules)
-
-
-# GRUB 2.06's tpm verifier (built into Debian 12's signed GRUB) reads every file GRUB opens
-# into memory to measure it: `loopback` of a 2-3 GiB active.img fails with "out of memory"
-# and the cos and fallback entries fall through to recovery (Kairos #1842, Ubuntu's ISO
-# boot docs). Unloaded before our menu, as they do: the firmware has measured shim and
-# GRUB already; what GRUB loads next goes unmeasured. Guarded: the BIOS GRUB has no tpm.
-TPM_PRELUDE = 'if [ "${grub_platform}" = "efi" ]; then rmmod tpm; fi\n'
-
-
-def signed_stub(stub: str, modules: frozenset[str]) -> str:
-    """The stub for a signed GRUB: `stub`, after unloading tpm when that GRUB has it built in."""
-    return (TPM_PRELUDE if "tpm" in modules else "") + stub
+    return EspChain(files, f"{grub.prefix}/grub.cfg".replace("//", "/"))
 
 
 def stub_config(menu: str, recovery_label: str, state_label: str | None = None) -> str:
@@ -262,5 +248,4 @@ def signed_esp(squashfs: Path, distro: str, work: Path, stub: str, *, cd: bool =
     its config (also at STUB_ESP, where the host-made BIOS GRUB of the disk reads it)."""
     chain = extract(squashfs, distro, work, cd=cd)
     (work / "stub.cfg").write_text(stub)
-    (work / "signed-stub.cfg").write_text(signed_stub(stub, chain.grub_modules))
-    return {**chain.files, STUB_ESP: work / "stub.cfg", chain.config_path: work / "signed-stub.cfg"}
+    return {**chain.files, chain.config_path: work / "stub.cfg", STUB_ESP: work / "stub.cfg"}
