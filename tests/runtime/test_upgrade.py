@@ -456,6 +456,7 @@ def test_a_re_upgrade_fetches_only_the_new_layer(machine: dict[str, Path], regis
     assert fetched_layers == new_layers, "layers already in the cache were fetched again"
     assert re.search(r"fetched 3 blob\(s\), .*; 1 blob\(s\), [\d.]+ MiB reused from the layer cache", proc.stderr), \
         proc.stderr   # manifest, config and the new layer fetched; v1's one layer reused
+    print(next(line for line in proc.stderr.splitlines() if "fetched" in line))
     assert "upgraded" in debugfs(machine["state"] / deploy.ACTIVE, "cat /etc/os-release")
     kept = set(oci.blob_sizes(cache))
     index = json.loads((cache / "index.json").read_text())
