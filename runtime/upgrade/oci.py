@@ -14,6 +14,13 @@ the config blob the OCI layout holds must be the one the registry serves for tha
 skopeo reads /etc/containers/registries.conf itself (`insecure = true` for plain HTTP);
 credentials come from /etc/cos/registry-auth.json (containers-auth.json format) or
 REGISTRY_AUTH_FILE. Under a scratch --root, the root's files are used instead.
+
+The layer cache: the OCI layout is kept between upgrades (CACHE_NAME, beside the work
+directory, so off COS_STATE: on an installed system in COS_PERSISTENT's /usr/local).
+skopeo's oci: destination skips every blob the layout already holds, so a re-upgrade to
+an image that differs in one layer fetches that layer only. After a successful upgrade the
+layout is pruned to the blobs of the image now active (bounded: one image, compressed);
+before a pull it is dropped first when its filesystem is short of room.
 """
 from __future__ import annotations
 
@@ -21,11 +28,13 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..system import CosError, System
+from ..install.durable import fsync_dir
+from ..system import CosError, System, write_atomic
 
 log = logging.getLogger("cos.upgrade")
 
@@ -34,6 +43,12 @@ REGISTRIES_CONF = "/etc/containers/registries.conf"
 POLICY = "/etc/containers/policy.json"
 DEFAULT_POLICY = b'{"default": [{"type": "insecureAcceptAnything"}]}\n'
 OCI_TAG = "cos"
+CACHE_NAME = ".cos-upgrade-cache"
+REF_NAME = "org.opencontainers.image.ref.name"
+# Room a pull needs beside the cache, per byte of compressed layers: the new blobs plus the
+# unpacked tree (a gzip layer of a root file system unpacks to ~2-3x its size).
+ROOM_FACTOR = 4
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,14 @@ class Skopeo:
         raw = self.run("inspect", "--raw", "--config", f"docker://{repo}@{digest}", what=f"{repo}@{digest}")
         return "sha256:" + hashlib.sha256(raw).hexdigest()
 
+    def compressed_size(self, repo: str, digest: str) -> int | None:
+        """Bytes of the image's blobs per its manifest; None for an index (the platform's
+        manifest is picked by skopeo copy)."""
+        raw = json.loads(self.run("inspect", "--raw", f"docker://{repo}@{digest}", what=f"{repo}@{digest}"))
+        if "layers" not in raw:
+            return None
+        return int(raw["config"]["size"]) + sum(int(layer["size"]) for layer in raw["layers"])
+
     def tags(self, repository: str) -> list[str]:
         out = json.loads(self.run("list-tags", f"docker://{repository}", what=repository))
         return [str(t) for t in out.get("Tags") or []]
@@ -141,18 +164,24 @@ class Pulled:
     rootfs: Path
     image: str            # what the user asked for
     digest: str | None    # the manifest digest pulled (None: a directory)
+    layout: Path | None = None   # the layer cache it came through (pruned after success)
 
 
-def pull(system: System, ref: Ref, work: Path, verify: bool, timings: Timings) -> Pulled:
-    """The image unpacked into work/rootfs (work is off COS_STATE)."""
+def pull(system: System, ref: Ref, work: Path, verify: bool, timings: Timings, cache: Path | None = None) -> Pulled:
+    """The image unpacked into work/rootfs (work is off COS_STATE), its blobs fetched into
+    `cache` (kept for the next upgrade) or, without one, into work/oci."""
     skopeo = Skopeo(system, work)
     start = time.monotonic()
     digest = skopeo.digest(ref)   # recorded even with --no-verify: the channel compares it
     source = f"{ref.repository}@{digest}"
-    layout = work / "oci"
+    layout = cache or work / "oci"
+    if cache is not None:
+        make_room(cache, skopeo.compressed_size(ref.repository, digest))
+    before = blob_sizes(layout)
     log.info("pulling %s%s into %s", ref, f" ({digest})" if digest and not ref.digest else "", layout)
     skopeo.run("copy", "--quiet", f"docker://{source}", f"oci:{layout}:{OCI_TAG}", what=str(ref))
     timings.add("pull", start)
+    log.info(transfer_report(before, blob_sizes(layout), _referenced(layout)))
     start = time.monotonic()
     rootfs = work / "rootfs"
     log.info("unpacking the layers into %s", rootfs)
@@ -160,7 +189,77 @@ def pull(system: System, ref: Ref, work: Path, verify: bool, timings: Timings) -
     timings.add("unpack", start)
     if verify:
         _verify(skopeo, layout, ref.repository, digest)
-    return Pulled(rootfs, str(ref), digest)
+    return Pulled(rootfs, str(ref), digest, cache)
+
+
+# ---- the layer cache -----------------------------------------------------------------------
+
+def blob_sizes(layout: Path) -> dict[str, int]:
+    blobs = layout / "blobs" / "sha256"
+    if not blobs.is_dir():
+        return {}
+    return {f"sha256:{p.name}": p.stat().st_size for p in blobs.iterdir() if p.is_file()}
+
+
+def transfer_report(before: dict[str, int], after: dict[str, int], wanted: set[str]) -> str:
+    """What the registry had to send (README: "bytes pulled on a re-upgrade")."""
+    new = {d: n for d, n in after.items() if d in wanted and d not in before}
+    kept = {d: n for d, n in after.items() if d in wanted and d in before}
+    return (f"fetched {len(new)} blob(s), {sum(new.values()) / MIB:.1f} MiB ({sum(new.values())} bytes); "
+            f"{len(kept)} blob(s), {sum(kept.values()) / MIB:.1f} MiB reused from the layer cache")
+
+
+def _manifest_digest(layout: Path) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    named = [m for m in index["manifests"] if (m.get("annotations") or {}).get(REF_NAME) == OCI_TAG]
+    if not named:
+        raise CosError(f"the OCI layout {layout} has no image tagged {OCI_TAG!r}", f"remove {layout} and retry")
+    return str(named[-1]["digest"])
+
+
+def _referenced(layout: Path) -> set[str]:
+    """The blobs of the tagged image: its manifest, config and layers."""
+    top = _manifest_digest(layout)
+    manifest = json.loads(_blob(layout, top))
+    return {top, manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])}
+
+
+def prune(layout: Path) -> None:
+    """Keep only the blobs of the image just installed; index.json names only it."""
+    keep = _referenced(layout)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"] = [m for m in index["manifests"] if m["digest"] == _manifest_digest(layout)][-1:]
+    write_atomic(layout / "index.json", json.dumps(index).encode(), mode=0o644)
+    dropped = 0
+    for digest, size in blob_sizes(layout).items():
+        if digest not in keep:
+            (layout / "blobs" / "sha256" / digest.split(":", 1)[1]).unlink()
+            dropped += size
+    for leftover in layout.iterdir():   # skopeo's temporary blobs from an interrupted pull
+        if leftover.name not in ("oci-layout", "index.json", "blobs"):
+            _remove(leftover)
+    fsync_dir(layout)
+    log.info("layer cache %s: %d blob(s), %.1f MiB kept for the next upgrade, %.1f MiB dropped", layout, len(keep),
+             sum(blob_sizes(layout).values()) / MIB, dropped / MIB)
+
+
+def make_room(cache: Path, compressed: int | None) -> None:
+    """Drop the cache first when its filesystem lacks room for this pull and unpack."""
+    if not cache.exists():
+        return
+    held = sum(blob_sizes(cache).values())
+    free = shutil.disk_usage(cache).free
+    if compressed is not None and free < ROOM_FACTOR * compressed:
+        log.warning("dropping the layer cache %s (%.1f MiB): %.1f MiB free there, the pull and unpack need about "
+                    "%.1f MiB", cache, held / MIB, free / MIB, ROOM_FACTOR * compressed / MIB)
+        _remove(cache)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _blob(layout: Path, digest: str) -> bytes:
@@ -169,8 +268,7 @@ def _blob(layout: Path, digest: str) -> bytes:
 
 
 def _verify(skopeo: Skopeo, layout: Path, repo: str, digest: str) -> None:
-    index = json.loads((layout / "index.json").read_text())
-    manifest = json.loads(_blob(layout, index["manifests"][0]["digest"]))
+    manifest = json.loads(_blob(layout, _manifest_digest(layout)))
     have, want = manifest["config"]["digest"], skopeo.config_digest(repo, digest)
     if have != want:
         raise CosError(f"verification failed: the unpacked image's config is {have}, the registry's "

@@ -17,11 +17,12 @@ from ..install.disks import MIB
 from ..install.durable import read_record
 from ..system import CosError, System
 from . import channel as chan
-from .oci import Pulled, Ref, Skopeo, Timings, pull
+from .oci import CACHE_NAME, Pulled, Ref, Skopeo, Timings, pull
 
 log = logging.getLogger("cos.upgrade")
 
 FAILED = "cOS/failed-images.json"
+PASSIVE_MODE = "/run/cos/passive_mode"
 WORK_NAME = ".cos-upgrade"
 WORK_CANDIDATES = ("/usr/local", "/var/tmp", "/tmp")   # /usr/local is COS_PERSISTENT when booted
 TOOLKIT = "usr/lib/cos/python-run"                     # what package cos-runtime installs
@@ -44,6 +45,7 @@ class Options:
     oem: Path | None = None           # ... for COS_OEM
     recovery_dir: Path | None = None  # ... for COS_RECOVERY (--recovery)
     tmpdir: Path | None = None        # where the pull and the unpacked tree go
+    cache: bool = True                # keep the layers for the next upgrade (beside the work dir)
 
 
 # ---- the source ----------------------------------------------------------------------------
@@ -64,7 +66,9 @@ def work_dir(system: System, state: Path, tmpdir: Path | None) -> Path:
     if not usable:
         raise CosError(f"no place for the temporary data off COS_STATE (tried {', '.join(map(str, candidates))})",
                        "give --tmpdir DIR on another filesystem")
-    best = max(usable, key=lambda c: shutil.disk_usage(c).free)
+    # where the layer cache of the last upgrade is (its room is checked before the pull), else the roomiest
+    cached = [c for c in usable if (c / CACHE_NAME).is_dir()]
+    best = cached[0] if cached else max(usable, key=lambda c: shutil.disk_usage(c).free)
     work = best / WORK_NAME
     if work.exists():
         log.info("removing %s, left by an interrupted upgrade", work)
@@ -90,21 +94,28 @@ def pick_from_channel(system: System, state: Path, work: Path) -> Ref | None:
     if not tags:
         raise CosError(f"the channel {channel.repository} has no tag matching {channel.tags!r} with a version",
                        f"check {chan.CHANNEL}")
-    current = (read_record(record_path(state, deploy.ACTIVE)) or {}).get("digest")
+    running = running_image(system)
+    current = (read_record(record_path(state, running)) or {}).get("digest")
     failed = failed_digests(state)
     for tag in tags:
         ref = Ref(channel.repository, tag=tag)
         digest = skopeo.digest(ref)
-        if digest == current:
-            log.info("already up to date: active runs %s (%s)", ref, digest)
-            return None
+        # failed first: after a rollback active.json still names the failed image
         if digest in failed:
             log.warning("skipping %s (%s): it failed to boot before and was rolled back", ref, digest)
             continue
+        if digest == current:
+            log.info("already up to date: the running system (%s) is %s (%s)", running, ref, digest)
+            return None
         log.info("newest in the channel: %s (%s)", ref, digest)
         return Ref(channel.repository, tag=tag, digest=digest)
-    log.info("already up to date: every newer image of the channel failed to boot before")
+    log.info("nothing to upgrade to: every image of the channel failed to boot before")
     return None
+
+
+def running_image(system: System) -> str:
+    """cOS/passive.img after a rollback (or when the fallback entry was chosen), else cOS/active.img."""
+    return deploy.PASSIVE if system.path(PASSIVE_MODE).exists() else deploy.ACTIVE
 
 
 def obtain(system: System, opts: Options, state: Path, work: Path, timings: Timings) -> Pulled | None:
@@ -115,9 +126,9 @@ def obtain(system: System, opts: Options, state: Path, work: Path, timings: Timi
     ref = Ref.parse(opts.image) if opts.image else pick_from_channel(system, state, work)
     if ref is None:
         return None
-    pulled = pull(system, ref, work, opts.verify, timings)
+    pulled = pull(system, ref, work, opts.verify, timings, work.parent / CACHE_NAME if opts.cache else None)
     if not opts.image and ref.tag:   # a channel pick: record the tag, not only the digest
-        pulled = Pulled(pulled.rootfs, f"{ref.repository}:{ref.tag}", pulled.digest)
+        pulled = Pulled(pulled.rootfs, f"{ref.repository}:{ref.tag}", pulled.digest, pulled.layout)
     return pulled
 
 
@@ -138,7 +149,7 @@ def deploy_fetcher(system: System, image: str | None, verify: bool, tmpdir: Path
 
 
 def _fetch(system: System, image: str | None, verify: bool, state: Path, work: Path) -> deploy.Fetched | None:
-    opts = Options(image=image, verify=verify)
+    opts = Options(image=image, verify=verify, cache=False)   # recovery mode: /usr/local and /var/tmp are RAM
     try:
         pulled = obtain(system, opts, state, work, Timings())
     except CosError as e:

@@ -33,13 +33,12 @@ from pathlib import Path
 from ..install import deploy, grubenv
 from ..install.durable import fsync_dir, read_record, remove_record, write_record
 from ..system import CosError, System, write_atomic
-from .oci import Pulled, Timings
-from .source import Options, check_cos_image, obtain, record_of, record_path, work_dir
+from .oci import Pulled, Timings, prune
+from .source import PASSIVE_MODE, Options, check_cos_image, obtain, record_of, record_path, work_dir
 
 log = logging.getLogger("cos.upgrade")
 
 JOURNAL = "cOS/.upgrade-journal"
-PASSIVE_MODE = "/run/cos/passive_mode"
 RECOVERY_MODE = deploy.RECOVERY_SENTINEL
 
 
@@ -147,6 +146,8 @@ def upgrade(system: System, opts: Options) -> bool:
         timings.add("swap", start)
         log.info("upgraded: active.img is %s%s; passive.img holds the previous system (%s)", pulled.image,
                  f" ({pulled.digest})" if pulled.digest else "", timings)
+        if pulled.layout is not None:
+            prune(pulled.layout)
         after_swap(system, oem, opts.strict)
     return True
 

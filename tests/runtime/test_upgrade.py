@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from runtime.install import deploy, grubenv
+from runtime.upgrade import oci, upgrade
 from runtime.upgrade import source as upgrade_source
-from runtime.upgrade import upgrade
 from tests.servers.registry import Registry, start_registry, stop
 from tests.servers.util import free_port
 
@@ -418,3 +419,90 @@ def test_cos_deploy_without_image(recovery_machine: dict[str, Path], registry: d
     assert "channel is not usable" in proc.stderr and "deploying the recovery system" in proc.stderr
     assert "0.1.0-recovery" in debugfs(m["state"] / deploy.ACTIVE, "cat /etc/os-release")
     assert not (m["state"] / "cOS/active.json").exists()
+
+
+# ---- the layer cache, and the upgrade after a rollback ---------------------------------------
+
+def blob_gets(reg: Registry, since: int) -> set[str]:
+    """Digests of the blobs the registry served after byte `since` of its log."""
+    assert reg.log is not None
+    text = reg.log.read_bytes()[since:].decode(errors="replace")
+    return set(re.findall(r'GET /v2/[^ "]+/blobs/(sha256:[0-9a-f]{64})', text))
+
+
+def layers_of(layout: Path) -> set[str]:
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][-1]["digest"].split(":", 1)[1]
+    manifest = json.loads((layout / "blobs/sha256" / digest).read_text())
+    return {layer["digest"] for layer in manifest["layers"]}
+
+
+def test_a_re_upgrade_fetches_only_the_new_layer(machine: dict[str, Path], registry: dict[str, object],
+                                                 images: dict[str, Path]) -> None:
+    """v2 is v1 plus one layer: after an upgrade to v1, the upgrade to v2 fetches that layer only
+    (counted in the registry's log), and the cache then holds v2's blobs and nothing else."""
+    reg = registry["reg"]
+    assert isinstance(reg, Registry) and reg.log is not None
+    proc = run_cli(*args_for(machine, "--no-verify", "-d", image_of(machine, NAME, registry, "red-0.1.0-amd64")))
+    assert proc.returncode == 0, proc.stderr
+    cache = machine["root"] / "var/tmp" / oci.CACHE_NAME
+    assert layers_of(images["v1"]) <= set(oci.blob_sizes(cache))
+    since = reg.log.stat().st_size
+    proc = run_cli(*args_for(machine, "--no-verify", "-d", image_of(machine, NAME, registry, "red-0.2.0-amd64")))
+    assert proc.returncode == 0, proc.stderr
+    new_layers = layers_of(images["v2"]) - layers_of(images["v1"])
+    assert len(new_layers) == 1
+    fetched_layers = blob_gets(reg, since) & (layers_of(images["v1"]) | new_layers)
+    assert fetched_layers == new_layers, "layers already in the cache were fetched again"
+    assert re.search(r"fetched 3 blob\(s\), .*; 1 blob\(s\), [\d.]+ MiB reused from the layer cache", proc.stderr), \
+        proc.stderr   # manifest, config and the new layer fetched; v1's one layer reused
+    print(next(line for line in proc.stderr.splitlines() if "fetched" in line))
+    assert "upgraded" in debugfs(machine["state"] / deploy.ACTIVE, "cat /etc/os-release")
+    kept = set(oci.blob_sizes(cache))
+    index = json.loads((cache / "index.json").read_text())
+    assert len(index["manifests"]) == 1
+    manifest = json.loads((cache / "blobs/sha256" / index["manifests"][0]["digest"].split(":", 1)[1]).read_text())
+    assert kept == {index["manifests"][0]["digest"], manifest["config"]["digest"], *layers_of(images["v2"])}
+
+
+def test_a_cache_without_room_is_dropped_first(machine: dict[str, Path], registry: dict[str, object]) -> None:
+    cache = machine["root"] / "var/tmp" / oci.CACHE_NAME
+    (cache / "blobs/sha256").mkdir(parents=True)
+    (cache / "blobs/sha256" / ("cd" * 32)).write_bytes(b"stale")
+    free = shutil.disk_usage(cache).free
+    proc = subprocess.run([sys.executable, "-c", f"""
+import logging, sys
+from pathlib import Path
+from runtime.upgrade import oci
+logging.basicConfig(level=logging.INFO)
+oci.make_room(Path({str(cache)!r}), {free})
+"""], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "dropping the layer cache" in proc.stderr and not cache.exists()
+
+
+def test_after_a_rollback_the_next_upgrade_replaces_active_and_keeps_passive(
+        machine: dict[str, Path], registry: dict[str, object]) -> None:
+    """The state cos-boot-assess leaves after a rollback: running passive (the old system),
+    active.img the failed v2, its digest in failed-images.json, saved_entry=fallback. The
+    channel skips v2 and picks v1: it replaces active; passive, the running system, stays."""
+    reg, digests = registry["reg"], registry["digests"]
+    assert isinstance(reg, Registry) and isinstance(digests, dict)
+    m = machine
+    assert run_cli(*args_for(m, "--no-verify", "-d", image_of(m, NAME, registry, "red-0.2.0-amd64"))).returncode == 0
+    (m["state"] / upgrade_source.FAILED).write_text(json.dumps({"digests": [digests["v2"]]}))
+    (m["root"] / "run/cos/passive_mode").touch()
+    grubenv.update(m["oem"] / "grubenv", cos_trial=None, cos_tried=None, saved_entry="fallback")
+    (m["root"] / "etc/cos").mkdir(parents=True)
+    (m["root"] / "etc/cos/upgrade.yaml").write_text(f"repository: {reg.address}/{NAME}\ntags: red-*-amd64\n")
+    proc = run_cli(*args_for(m, "--no-verify"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"skipping {reg.address}/{NAME}:red-0.2.0-amd64" in proc.stderr
+    assert f"newest in the channel: {reg.address}/{NAME}:red-0.1.0-amd64" in proc.stderr
+    assert "running the passive system: it stays passive" in proc.stderr
+    active, passive = m["state"] / deploy.ACTIVE, m["state"] / deploy.PASSIVE
+    assert "0.1.0" in debugfs(active, "cat /etc/os-release") and "old-system" not in debugfs(active, "ls /etc")
+    assert "yes" in debugfs(passive, "cat /etc/old-system"), "the running (good) passive was replaced"
+    assert json.loads((m["state"] / "cOS/active.json").read_text())["digest"] == digests["v1"]
+    env = grubenv.read(m["oem"] / "grubenv")
+    assert env.get("cos_trial") == "1" and "saved_entry" not in env   # the new active is on trial, the default

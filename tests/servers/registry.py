@@ -21,6 +21,7 @@ class Registry:
     proc: subprocess.Popen
     user: str | None = None
     password: str | None = None
+    log: Path | None = None          # its access log (the tests count blob GETs in it)
 
     def registries_conf(self) -> str:
         """The containers-registries.conf(5) lines that let skopeo use it over plain HTTP."""
@@ -60,7 +61,7 @@ def start_registry(workdir: Path, auth: bool = False) -> Registry:
         config += f"auth:\n  htpasswd:\n    realm: cos-test\n    path: {workdir}/htpasswd\n"
     (workdir / "config.yml").write_text(config)
     proc = start([binary, "serve", str(workdir / "config.yml")], port, "docker-registry", workdir / "registry.log")
-    return Registry(f"127.0.0.1:{port}", proc, user, password)
+    return Registry(f"127.0.0.1:{port}", proc, user, password, workdir / "registry.log")
 
 
 def is_up(address: str) -> bool:
