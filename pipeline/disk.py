@@ -22,6 +22,7 @@ from the build inputs (artifacts.BootInputs): the same input gives the same byte
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -44,6 +45,7 @@ SECTOR = 512
 GRUB_CFG = "/etc/cos/grub.cfg"            # the image's boot menu (package cos-grub)
 MENU_FILES = ("etc/cos/grub.cfg", "etc/cos/bootargs.cfg")
 GRUBENV_SIZE = 1024
+INSTALL_DIR = "cos/install"              # on the ISO: what cos-install writes (install_payload)
 
 # GRUB i386-pc boot.img fields (grub/include/grub/i386/pc/boot.h), patched as grub-bios-setup does.
 BPB_START, BPB_END = 0x03, 0x5A
@@ -195,16 +197,51 @@ def esp_files(inputs: artifacts.BootInputs, disk: DiskLayout, w: Path) -> dict[s
     return {bootchain.SHIM_ESP: efi.efi_image(w / "BOOTX64.EFI", early), bootchain.STUB_ESP: w / "stub.cfg"}
 
 
+def make_esp(inputs: artifacts.BootInputs, disk: DiskLayout, w: Path) -> Path:
+    """The COS_GRUB FAT image (w/efi.img, the partition's size) and GRUB's BIOS core.img
+    (w/core.img): the raw disk's bootloader, also shipped on the ISO for cos-install."""
+    spec = efi.FatSpec(disk.efi.label, efi.fat_volume_id(inputs.seed + ":esp"), disk.efi.size_mib * MIB)
+    return efi.make_fat(w / "efi.img", spec, esp_files(inputs, disk, w), inputs.sde)
+
+
+def _trimmed_copy(src: Path, dest: Path) -> int:
+    """`src` without its trailing zero sectors (a 64 MiB FAT holds a few MiB): the ISO does
+    not store holes; cos-install writes zeros up to the full size. Returns that size."""
+    data = src.read_bytes()
+    end = -(-len(data.rstrip(b"\0")) // SECTOR) * SECTOR
+    dest.write_bytes(data[:end])
+    return len(data)
+
+
+def install_payload(inputs: artifacts.BootInputs, disk: DiskLayout, dest: Path) -> dict[str, Path]:
+    """What cos-install (runtime/install/install.py) writes onto a disk besides the medium's
+    squashfs, kernel and initrd, in `dest`: the raw disk's COS_GRUB image and BIOS GRUB,
+    and install.json with the partition table (names, types, sizes, labels). Returns
+    {path on the ISO: file}."""
+    dest.mkdir(parents=True, exist_ok=True)
+    w = dest / ".work"
+    w.mkdir()
+    efi_size = _trimmed_copy(make_esp(inputs, disk, w), dest / "efi.img")
+    shutil.copyfile(w / "core.img", dest / "core.img")
+    shutil.copyfile(efi.bios_file("boot.img"), dest / "boot.img")
+    shutil.rmtree(w)
+    parts = [*layout(disk), Part("state", "8300", disk.state.size_mib, disk.state.label)]
+    table = [{"name": p.name, "type": p.type, "size_mib": p.size_mib, "label": p.label} for p in parts]
+    table.append({"name": "persistent", "type": "8300", "size_mib": disk.persistent.size_mib,
+                  "label": disk.persistent.label})
+    manifest = {"format": 1, "partitions": table, "efi_image": "efi.img", "efi_image_size": efi_size,
+                "bios_core": "core.img", "bios_boot": "boot.img"}
+    (dest / "install.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return {f"/{INSTALL_DIR}/{p.name}": p for p in sorted(dest.iterdir())}
+
+
 def build_raw(out: Path, inputs: artifacts.BootInputs, disk: DiskLayout) -> Path:
     parts = layout(disk)
     starts, total_mib = offsets(parts)
     legacy, esp, oem, recovery = parts
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".raw-") as work:
         w = Path(work)
-        files = {esp.name: efi.make_fat(
-            w / "efi.img",
-            efi.FatSpec(disk.efi.label, efi.fat_volume_id(inputs.seed + ":esp"), esp.size_mib * MIB),
-            esp_files(inputs, disk, w), inputs.sde)}
+        files = {esp.name: make_esp(inputs, disk, w)}
 
         oem_tree = w / "oem"
         _stage_file(grubenv(next_entry="recovery"), oem_tree / "grubenv", inputs.sde)

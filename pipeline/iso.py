@@ -1,7 +1,8 @@
 """The live ISO: hybrid BIOS + UEFI, CD-ROM or USB stick, made by xorriso.
 
 Layout (as cOS): ISO 9660 labelled COS_LIVE holding /rootfs.squashfs, /boot/vmlinuz,
-/boot/initrd and /boot/grub/grub.cfg. BIOS boots GRUB i386-pc from El Torito
+/boot/initrd and /boot/grub/grub.cfg, and /cos/install: the raw disk's COS_GRUB image,
+BIOS GRUB and partition table, for `cos-install` (runtime/install/install.py). BIOS boots GRUB i386-pc from El Torito
 (cdboot) or, on a stick, from boot_hybrid.img in the MBR; UEFI boots the FAT ESP
 appended as MBR partition 2 (type 0xef), which is also the El Torito EFI image.
 Both GRUBs find the volume by label and read the same grub.cfg. With Secure Boot
@@ -20,7 +21,8 @@ from typing import Any
 from core import env as environ
 
 from . import artifacts, bootchain, efi
-from .config import FlavorContext
+from . import disk as raw_disk
+from .config import DiskLayout, FlavorContext
 from .files import DIGESTS, atomic_path
 from .run import run
 
@@ -62,8 +64,10 @@ def xorriso_command(out: Path, label: str, grafts: dict[str, Path], esp: Path, s
             *[f"{dest}={src}" for dest, src in sorted(grafts.items())]]
 
 
-def build_iso(out: Path, inputs: artifacts.BootInputs, *, label: str, cmdline: str, title: str) -> Path:
-    """Write the hybrid ISO to `out` (atomically)."""
+def build_iso(out: Path, inputs: artifacts.BootInputs, *, label: str, cmdline: str, title: str,
+              disk: DiskLayout | None = None) -> Path:
+    """Write the hybrid ISO to `out` (atomically). With `disk`, /cos/install holds what
+    cos-install puts on a disk (pipeline/disk.py's install_payload)."""
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".iso-") as work:
         w = Path(work)
         early = efi.early_config([label], GRUB_CFG)
@@ -79,6 +83,8 @@ def build_iso(out: Path, inputs: artifacts.BootInputs, *, label: str, cmdline: s
         grafts = {"/rootfs.squashfs": inputs.squashfs, "/boot/vmlinuz": inputs.kernel,
                   "/boot/initrd": inputs.initrd, GRUB_CFG: w / "grub.cfg",
                   "/" + ELTORITO_PATH: w / "eltorito.img"}
+        if disk is not None:
+            grafts |= raw_disk.install_payload(inputs, disk, w / "install")
         env = environ.child(SOURCE_DATE_EPOCH=str(inputs.sde))
         with atomic_path(out) as tmp:
             tmp.unlink()  # xorriso refuses to overwrite a non-ISO file
@@ -98,6 +104,6 @@ def iso_stage(ctx: FlavorContext) -> dict[str, Any]:
     flavor, paths, version = ctx.flavor, ctx.paths, ctx.version
     out = artifacts.path(ctx, "iso")
     build_iso(out, artifacts.boot_inputs(paths), label=flavor.boot.live_label, cmdline=flavor.boot.cmdline,
-              title=f"cOS {flavor.name} {version} (live)")
+              title=f"cOS {flavor.name} {version} (live)", disk=flavor.disk)
     write_sha256(out)  # before the manifest lists the ISO; its digest is cached for the entry
     return artifacts.record(paths, "iso", out, companions=(".sha256",))

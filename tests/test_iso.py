@@ -82,3 +82,27 @@ def test_failed_build_leaves_no_output(inputs, tmp_path, monkeypatch):
     with pytest.raises(Exception):  # noqa: B017 (whatever fails, nothing may be left)
         iso.build_iso(tmp_path / "bad.iso", inputs, label="COS_LIVE", cmdline="", title="t")
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_install_payload_on_the_iso(inputs, tmp_path):
+    """With the flavor's disk layout the ISO carries /cos/install for cos-install: the
+    partition table and the raw disk's COS_GRUB image (trailing zeros cut) and BIOS GRUB."""
+    from pipeline.config import DiskLayout, Partition
+
+    disk = DiskLayout(bios_boot_mib=1, efi=Partition(label="COS_GRUB", size_mib=8),
+                      oem=Partition(label="COS_OEM", size_mib=8), recovery=Partition(label="COS_RECOVERY", size_mib=24),
+                      state=Partition(label="COS_STATE", size_mib=100),
+                      persistent=Partition(label="COS_PERSISTENT", size_mib=0))
+    out = iso.build_iso(tmp_path / "i.iso", inputs, label="COS_LIVE", cmdline=CMDLINE, title="t", disk=disk)
+    run("osirrox", "-indev", out, "-extract", "/cos/install", tmp_path / "install", merge=True)
+    manifest = json.loads((tmp_path / "install/install.json").read_text())
+    assert [(p["name"], p["size_mib"], p["label"]) for p in manifest["partitions"]] == [
+        ("legacy", 1, None), ("efi", 8, "COS_GRUB"), ("oem", 8, "COS_OEM"), ("recovery", 24, "COS_RECOVERY"),
+        ("state", 100, "COS_STATE"), ("persistent", 0, "COS_PERSISTENT")]
+    assert manifest["efi_image_size"] == 8 * 1024 * 1024
+    esp = (tmp_path / "install/efi.img").read_bytes()
+    assert 0 < len(esp) < 8 * 1024 * 1024 and "LABEL=COS_GRUB" in run("blkid", "-p", "-o", "export",
+                                                                       tmp_path / "install/efi.img")
+    assert (tmp_path / "install/boot.img").read_bytes() == efi.bios_file("boot.img").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "install").iterdir()) == ["boot.img", "core.img", "efi.img",
+                                                                          "install.json"]

@@ -316,6 +316,12 @@ def no_fetch(state: Path) -> Iterator[Fetched | None]:
 
 def deploy(system: System, opts: Options, fetch: Fetcher = no_fetch, stage: str | None = "after-deploy") -> None:
     check_recovery(system)
+    deploy_system(system, opts, fetch, stage)
+
+
+def deploy_system(system: System, opts: Options, fetch: Fetcher = no_fetch,
+                  stage: str | None = "after-deploy") -> None:
+    """The deploy itself, in any boot mode: cos-install runs it from the live system."""
     if opts.source is not None:
         check_source(opts.source)
     with state_dir(system, opts) as state, oem_dir(system, opts) as oem:
