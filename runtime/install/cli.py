@@ -9,12 +9,12 @@ Exit 0 on success, 1 with one line `cos-deploy: error: ...` otherwise.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..system import CosError, System
+from ..system import System
+from ..tool import add_power_options, power_after, run_tool
 from ..upgrade.source import deploy_fetcher
 from . import deploy, reset
 
@@ -28,9 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="do not check a pulled image against the registry (its digest is still recorded)")
     p.add_argument("--no-cosign", action="store_true", help="accepted (signature checks arrive with cosign)")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--reboot", action="store_true", help="reboot after a successful deploy")
-    when.add_argument("--poweroff", action="store_true", help="power off after a successful deploy")
+    add_power_options(p, "deploy")
     p.add_argument("--force", action="store_true", help="replace a system already deployed on COS_STATE")
     p.add_argument("--strict", action="store_true", help="fail when the after-deploy cloud-config stage fails")
     src = p.add_mutually_exclusive_group()
@@ -50,20 +48,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="cos-deploy: %(message)s",
-                        stream=sys.stderr)
     system = System(root=args.root)
     opts = deploy.Options(source=args.source, state=args.state, oem=args.oem, force=args.force, strict=args.strict)
-    try:
+
+    def work() -> None:
         fetch = deploy_fetcher(system, args.docker_image, not args.no_verify, args.tmpdir) \
             if args.source is None else deploy.no_fetch
         deploy.deploy(system, opts, fetch)
-        if args.reboot or args.poweroff:
-            deploy.power(system, "reboot" if args.reboot else "poweroff")
-    except CosError as e:
-        print(f"cos-deploy: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        power_after(system, args)
+    return run_tool("cos-deploy", work, quiet=args.quiet)
 
 
 def reset_main(argv: Sequence[str] | None = None) -> int:
@@ -72,9 +65,7 @@ def reset_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cos-reset", description="In recovery mode: redeploy active and passive from "
                                 "the recovery system, wipe COS_PERSISTENT, keep COS_OEM unless --reset-oem.")
     p.add_argument("--reset-oem", action="store_true", help="also empty COS_OEM (its grubenv is kept)")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--reboot", action="store_true", help="reboot after a successful reset")
-    when.add_argument("--poweroff", action="store_true", help="power off after a successful reset")
+    add_power_options(p, "reset")
     p.add_argument("--strict", action="store_true", help="fail when the after-reset stage fails")
     p.add_argument("--root", type=Path, default=Path("/"))
     p.add_argument("--state", type=Path, help="a directory standing for COS_STATE")
@@ -82,17 +73,13 @@ def reset_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--persistent", type=Path, help="a directory standing for COS_PERSISTENT")
     p.add_argument("--source", type=Path, help=f"the recovery tree (default {deploy.DEFAULT_SOURCE})")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="cos-reset: %(message)s", stream=sys.stderr)
     system = System(root=args.root)
-    try:
+
+    def work() -> None:
         reset.reset(system, deploy.Options(source=args.source, state=args.state, oem=args.oem, strict=args.strict),
                     args.persistent, args.reset_oem)
-        if args.reboot or args.poweroff:
-            deploy.power(system, "reboot" if args.reboot else "poweroff")
-    except CosError as e:
-        print(f"cos-reset: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        power_after(system, args)
+    return run_tool("cos-reset", work)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -357,11 +356,3 @@ def _deploy_tree(system: System, source: Path, state: Path, oem: Path, record: d
         remove_leftovers(state, oem)   # a failed mkfs/copy leaves no half image behind
         raise
     _mark(state, incomplete=False)
-
-
-def power(system: System, action: str) -> None:
-    """reboot / poweroff, only ever on the real root (never from a test's scratch root)."""
-    if not system.is_host_root:
-        log.info("not running %s: %s is a scratch root", action, system.root)
-        return
-    system.run(["systemctl", action] if shutil.which("systemctl") else [action])

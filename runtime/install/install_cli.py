@@ -8,12 +8,12 @@ Exit 0 on success, 1 with one line `cos-install: error: ...` otherwise.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..system import CosError, System
+from ..system import System
+from ..tool import add_power_options, power_after, run_tool
 from . import deploy, install
 
 
@@ -29,9 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="overwrite a disk that is not empty, and run outside the live system")
     p.add_argument("--strict", action="store_true", help="fail when the after-install stage fails")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--reboot", action="store_true", help="reboot after a successful install")
-    when.add_argument("--poweroff", action="store_true", help="power off after a successful install")
+    add_power_options(p, "install")
     p.add_argument("--root", type=Path, default=Path("/"), help="the system's root (default /; tests: a scratch root)")
     p.add_argument("--medium", type=Path, help=f"the live medium (default {install.MEDIUM} in --root)")
     p.add_argument("--source", type=Path, help=f"the system tree to install (default {deploy.DEFAULT_SOURCE})")
@@ -42,18 +40,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="cos-install: %(message)s", stream=sys.stderr)
     system = System(root=args.root)
     opts = install.Options(device=args.device, config=args.config, force=args.force, strict=args.strict,
                            medium=args.medium, source=args.source, state=args.state, oem=args.oem)
-    try:
+
+    def work() -> None:
         install.install(system, opts)
-        if args.reboot or args.poweroff:
-            deploy.power(system, "reboot" if args.reboot else "poweroff")
-    except CosError as e:
-        print(f"cos-install: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        power_after(system, args)
+    return run_tool("cos-install", work)
 
 
 if __name__ == "__main__":

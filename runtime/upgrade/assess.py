@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..install import deploy, grubenv
 from ..install.durable import read_record, write_record
-from ..system import CosError, System, write_atomic
+from ..system import System, write_atomic
+from ..tool import run_tool
 from .source import FAILED, record_path
 
 log = logging.getLogger("cos.assess")
@@ -65,13 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--state", type=Path, help="a directory standing for COS_STATE")
     p.add_argument("--oem", type=Path, help="a directory standing for COS_OEM")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="cos-boot-assess: %(message)s", stream=sys.stderr)
-    try:
-        assess(System(root=args.root), deploy.Options(state=args.state, oem=args.oem))
-    except CosError as e:
-        print(f"cos-boot-assess: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool("cos-boot-assess", lambda: assess(System(root=args.root),
+                                                       deploy.Options(state=args.state, oem=args.oem)))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ Exit 0 on success and when already up to date, 1 with one line `cos-upgrade: err
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..install import deploy
-from ..system import CosError, System
+from ..system import System
+from ..tool import add_power_options, power_after, run_tool
 from . import source, upgrade
 
 
@@ -32,9 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not check the unpacked image against the registry (its digest is still recorded)")
     p.add_argument("--no-cosign", action="store_true", help="accepted (signature checks arrive with cosign)")
     p.add_argument("--recovery", action="store_true", help="upgrade the recovery system on COS_RECOVERY instead")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--reboot", action="store_true", help="reboot after a successful upgrade")
-    when.add_argument("--poweroff", action="store_true", help="power off after a successful upgrade")
+    add_power_options(p, "upgrade")
     p.add_argument("--strict", action="store_true", help="fail when the after-upgrade cloud-config stage fails")
     p.add_argument("--root", type=Path, default=Path("/"), help="the system's root (a scratch root for tests)")
     p.add_argument("--state", type=Path, help="use this directory as COS_STATE instead of the partition")
@@ -49,20 +46,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="cos-upgrade: %(message)s",
-                        stream=sys.stderr)
     system = System(root=args.root)
     opts = source.Options(image=args.docker_image, directory=args.directory, verify=not args.no_verify,
                            recovery=args.recovery, strict=args.strict, state=args.state, oem=args.oem,
                            recovery_dir=args.recovery_dir, tmpdir=args.tmpdir)
-    try:
-        changed = upgrade.upgrade(system, opts)
-        if changed and (args.reboot or args.poweroff):
-            deploy.power(system, "reboot" if args.reboot else "poweroff")
-    except CosError as e:
-        print(f"cos-upgrade: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    def work() -> None:
+        if upgrade.upgrade(system, opts):  # nothing changed ("already up to date"): no reboot
+            power_after(system, args)
+    return run_tool("cos-upgrade", work, quiet=args.quiet)
 
 
 if __name__ == "__main__":
