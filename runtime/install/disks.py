@@ -111,15 +111,22 @@ def probe(system: System, path: Path, offset: int = 0, size: int | None = None) 
     return _export(proc.stdout.decode(errors="replace"))
 
 
-def read_disk(system: System, path: Path) -> Disk:
-    """The GPT of a disk device or image file, with each partition's filesystem."""
+def is_image_file(path: Path, missing_hint: str) -> bool:
+    """True for a disk image file (what host tests use), False for a block device; a path
+    that is neither, or missing, is refused (`missing_hint` says what to check)."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise CosError(f"disk {path} does not exist", "check device.path in the layout step") from None
+        raise CosError(f"disk {path} does not exist", missing_hint) from None
     is_file = stat.S_ISREG(st.st_mode)
     if not is_file and not stat.S_ISBLK(st.st_mode):
         raise CosError(f"{path} is neither a block device nor a disk image file")
+    return is_file
+
+
+def read_disk(system: System, path: Path) -> Disk:
+    """The GPT of a disk device or image file, with each partition's filesystem."""
+    is_file = is_image_file(path, "check device.path in the layout step")
     proc = query(system).run(["sfdisk", "--json", path], check=False)
     if proc.returncode != 0 or not proc.stdout.strip():
         raise CosError(f"{path} has no partition table sfdisk can read",

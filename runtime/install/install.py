@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from pathlib import Path
 
 from ..system import CosError, System
 from . import deploy, grubenv, layout
-from .disks import MIB, Disk, Partition, implant, probe, query, read_disk, refresh
+from .disks import MIB, Disk, Partition, implant, is_image_file, probe, query, read_disk, refresh
 
 log = logging.getLogger("cos.install")
 
@@ -181,13 +180,7 @@ def _mounted_below(system: System, device: Path) -> list[str]:
 def check_device(system: System, device: Path, payload: Payload, force: bool) -> bool:
     """DEVICE usable: exists, not in use, empty-looking (unless --force), big enough.
     Returns whether it is a disk image file (the host tests) rather than a block device."""
-    try:
-        st = device.stat()
-    except FileNotFoundError:
-        raise CosError(f"{device} does not exist", "name the target disk, e.g. /dev/vda (see lsblk)") from None
-    is_file = stat.S_ISREG(st.st_mode)
-    if not is_file and not stat.S_ISBLK(st.st_mode):
-        raise CosError(f"{device} is neither a block device nor a disk image file")
+    is_file = is_image_file(device, "name the target disk, e.g. /dev/vda (see lsblk)")
     if not is_file and _mounted_below(system, device):
         raise CosError(f"{device} is in use (mounted: {', '.join(_mounted_below(system, device))})",
                        "is it the live medium or the running system? name another disk")
