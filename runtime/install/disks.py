@@ -79,7 +79,8 @@ class Disk:
         return part.size * self.sector
 
 
-def _size_bytes(path: Path) -> int:
+def size_bytes(path: Path) -> int:
+    """Bytes of a disk device or image file (st_size is 0 for a block device)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         return os.lseek(fd, 0, os.SEEK_END)
@@ -148,7 +149,7 @@ def read_disk(system: System, path: Path) -> Disk:
         parts.append(Partition(number, start, size, str(raw["type"]), str(raw.get("uuid", "")),
                                str(raw.get("name", "")), str(raw["node"]), fs.get("TYPE"), fs.get("LABEL")))
     return Disk(path, is_file, sector, int(table["firstlba"]), int(table["lastlba"]),
-                _size_bytes(path) // sector, tuple(sorted(parts, key=lambda p: p.start)))
+                size_bytes(path) // sector, tuple(sorted(parts, key=lambda p: p.start)))
 
 
 def _partition_number(node: str, device: str) -> int:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ..system import CosError, System
 from . import deploy, grubenv, layout
-from .disks import MIB, Disk, Partition, implant, is_image_file, probe, query, read_disk, refresh
+from .disks import MIB, Disk, Partition, implant, is_image_file, probe, query, read_disk, refresh, size_bytes
 
 log = logging.getLogger("cos.install")
 
@@ -164,14 +164,6 @@ def check_config(config: Path | None) -> None:
         raise CosError(f"--config {config}: {doc.errors[0]}", "fix the file (a yip document or #cloud-config)")
 
 
-def _size_bytes(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def _mounted_below(system: System, device: Path) -> list[str]:
     proc = query(system).run(["lsblk", "-nro", "MOUNTPOINT", device], check=False)
     return [m for m in proc.stdout.decode(errors="replace").split() if m]
@@ -189,7 +181,7 @@ def check_device(system: System, device: Path, payload: Payload, force: bool) ->
         what = f"a {found['PTTYPE']} partition table" if "PTTYPE" in found else f"a {found.get('TYPE', '?')} signature"
         raise CosError(f"{device} is not empty: it has {what}",
                        f"cos-install --force {device} overwrites it (everything on it is lost)")
-    size_mib = _size_bytes(device) // MIB
+    size_mib = size_bytes(device) // MIB
     if size_mib < payload.min_mib:
         raise CosError(f"{device} has {size_mib} MiB, cos-install needs at least {payload.min_mib} MiB "
                        f"(COS_STATE alone takes {payload.parts['state'].size_mib} MiB)",
@@ -405,7 +397,7 @@ def install(system: System, opts: Options) -> None:
     check_config(opts.config)
     is_file = check_device(system, opts.device, payload, opts.force)
     check_tools(is_file)
-    log.info("installing onto %s (%d MiB)", opts.device, _size_bytes(opts.device) // MIB)
+    log.info("installing onto %s (%d MiB)", opts.device, size_bytes(opts.device) // MIB)
     disk = write_gpt(system, opts.device, payload)
     with tempfile.TemporaryDirectory(prefix="cos-install.") as work:
         write_boot_partitions(system, disk, payload, opts.config, Path(work))
