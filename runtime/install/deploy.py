@@ -51,6 +51,8 @@ ACTIVE, PASSIVE = "cOS/active.img", "cOS/passive.img"
 TRANSITION, PASSIVE_TMP = "cOS/transition.img", "cOS/.passive.img.tmp"
 INCOMPLETE = "cOS/.deploy-incomplete"
 MENU = ("etc/cos/grub.cfg", "etc/cos/bootargs.cfg")
+# grubenv variables of boot assessment (etc/cos/grub.cfg, runtime/upgrade) cleared by a deploy
+FRESH_BOOT: dict[str, str | None] = {"saved_entry": None, "cos_trial": None, "cos_tried": None, "cos_rollback": None}
 GRUBENV = "grubenv"
 
 BLOCK = 4096
@@ -351,7 +353,8 @@ def _deploy_tree(system: System, source: Path, state: Path, oem: Path, record: d
         if record is not None:
             for name in (ACTIVE, PASSIVE):
                 write_record(state / Path(name).with_suffix(".json"), record)
-        grubenv.update(oem / GRUBENV, next_entry="cos")
+        # a fresh system: no trial, no rollback of an earlier upgrade steering the default to fallback
+        grubenv.update(oem / GRUBENV, next_entry="cos", **FRESH_BOOT)
     except CosError:
         remove_leftovers(state, oem)   # a failed mkfs/copy leaves no half image behind
         raise

@@ -59,3 +59,15 @@ def test_reset_only_in_recovery(machine: dict[str, Path]) -> None:
     proc = reset_cli(m)
     assert proc.returncode == 1 and "cos-reset runs only in recovery mode" in proc.stderr.splitlines()[-1]
     assert (m["persistent"] / ".state/home.bind/user/data").exists()
+
+
+def test_reset_after_a_rollback_boots_active_again(machine: dict[str, Path]) -> None:
+    """A rolled-back upgrade left saved_entry=fallback: after the reset every start is `cos`."""
+    m = deployed(machine)
+    grubenv.update(m["oem"] / "grubenv", next_entry="recovery", saved_entry="fallback", cos_trial="1",
+                   cos_tried="1", cos_rollback="1")
+    proc = reset_cli(m)
+    assert proc.returncode == 0, proc.stderr
+    env = grubenv.read(m["oem"] / "grubenv")
+    assert env["next_entry"] == "cos", env
+    assert not {"saved_entry", "cos_trial", "cos_tried", "cos_rollback"} & env.keys(), env
