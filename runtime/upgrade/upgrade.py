@@ -54,6 +54,8 @@ def write_transition(system: System, pulled: Pulled, state: Path, keep_passive: 
         write_atomic(_new_menu(state, name), (pulled.rootfs / name).read_bytes(), mode=0o644)
     write_record(state / JOURNAL, {"phase": "written", "keep_passive": keep_passive, "image": pulled.image})
     timings.add("write", start)
+    # logged now, not only at the end: a run killed in the swap still says what it cost
+    log.info("transition.img is complete (%s); swapping", timings)
 
 
 def swap(system: System, state: Path) -> dict[str, object]:
