@@ -178,13 +178,20 @@ class VM:
             raise self.fail(f"command {command!r} exited {rc}:\n{out}")
         return out
 
-    def poweroff(self, timeout: float = 120) -> None:
-        self.send("poweroff")
+    def wait_exit(self, timeout: float, why: str) -> None:
+        """Wait until QEMU exits (-no-reboot: the guest rebooted or powered off), else fail
+        with `why` and the console; QEMU is stopped either way."""
         try:
             assert self.proc
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise self.fail(f"did not power off within {timeout} s") from None
+            raise self.fail(f"{why} within {timeout:.0f} s") from None
+        finally:
+            self.stop()
+
+    def poweroff(self, timeout: float = 120) -> None:
+        self.send("poweroff")
+        self.wait_exit(timeout, "did not power off")
 
 
 def grown_copy(raw: Path, dest: Path, size: str) -> Path:

@@ -3,7 +3,6 @@ test_runtime_upgrade): session fixtures, registered once in tests/conftest.py so
 test file gets the same disk and VM (boots 1-3 of test_runtime_boot's docstring)."""
 from __future__ import annotations
 
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +85,7 @@ def boot(disk: Disk, name: str) -> VM:
 def reboot(vm: VM, disk: Disk, name: str) -> VM:
     """`reboot` in the guest ends QEMU (-no-reboot); start it again on the same disk."""
     vm.send("systemctl reboot")
-    try:
-        assert vm.proc
-        vm.proc.wait(timeout=180)
-    except subprocess.TimeoutExpired:
-        raise vm.fail("did not go down within 180 s") from None
-    finally:
-        vm.stop()
+    vm.wait_exit(180, "did not go down")
     return boot(disk, name)
 
 
@@ -118,12 +111,10 @@ def installed(flavor_build, build_dir, tmp_path_factory):
     first = disk.vm("deploy-boot1").start()
     try:
         first.expect(r"cos-setup-network|Deploy", DEPLOY_TIMEOUT)  # the network stage started
-        assert first.proc
-        first.proc.wait(timeout=DEPLOY_TIMEOUT)  # cos-deploy && shutdown -r now: QEMU exits
-    except subprocess.TimeoutExpired:
-        raise first.fail(f"the first boot did not deploy and reboot within {DEPLOY_TIMEOUT} s") from None
-    finally:
+    except BaseException:
         first.stop()
+        raise
+    first.wait_exit(DEPLOY_TIMEOUT, "the first boot did not deploy and reboot")  # cos-deploy && shutdown -r now
     first_seconds = time.monotonic() - first.started
     print(f"[deploy-boot1] recovery boot, layout and cos-deploy: {first_seconds:.0f} s", flush=True)
     vm = boot(disk, "deploy-boot2")

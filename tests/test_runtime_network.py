@@ -200,12 +200,10 @@ def deploy_from_ec2_user_data(drive: Drive, metadata: list[GuestForward]) -> Non
     vm = VM(drive, name="ec2-deploy", network=Network(guestfwd=metadata)).start()
     try:
         vm.expect(r"login: |reboot: Restarting system", BOOT_TIMEOUT, fail_on=BOOT_FAILED)
-        assert vm.proc
-        vm.proc.wait(timeout=DEPLOY_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise vm.fail(f"the EC2 user-data did not deploy and reboot within {DEPLOY_TIMEOUT} s") from None
-    finally:
+    except BaseException:
         vm.stop()
+        raise
+    vm.wait_exit(DEPLOY_TIMEOUT, "the EC2 user-data did not deploy and reboot")
     print(f"[ec2-deploy] recovery boot, IMDS user-data, layout and cos-deploy: "
           f"{time.monotonic() - vm.started:.0f} s", flush=True)
 
