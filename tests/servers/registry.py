@@ -23,6 +23,10 @@ class Registry:
     password: str | None = None
     log: Path | None = None          # its access log (the tests count blob GETs in it)
 
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
     def registries_conf(self) -> str:
         """The containers-registries.conf(5) lines that let skopeo use it over plain HTTP."""
         return f'[[registry]]\nlocation = "{self.address}"\ninsecure = true\n'
