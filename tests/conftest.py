@@ -5,9 +5,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from pipeline.config import FlavorPaths, build_root, load_flavor
 from tests.runtime_vm import fallback, installed  # noqa: F401  (one deployed disk for all runtime QEMU tests)
@@ -17,18 +20,40 @@ DOIT = [sys.executable, "-m", "doit", "--dir", str(REPO)]
 
 
 def run_doit(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run doit in the repo the way a user does; output captured for assertions."""
-    proc = subprocess.run([*DOIT, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    """Run doit in the repo the way a user does; output captured for assertions. One doit
+    at a time on the repo's build/ (its sqlite dep file, its artifacts): pytest-xdist's
+    workers share it."""
+    full_env = {**os.environ, **(env or {})}
+    with doit_lock(full_env):
+        proc = subprocess.run([*DOIT, *args], cwd=REPO, capture_output=True, text=True, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
+def doit_lock(env: Mapping[str, str] = os.environ) -> AbstractContextManager[object]:
+    """Held while a doit runs on the repo's build/; a test's own COS_BUILD_DIR is its alone."""
+    if env.get("COS_BUILD_DIR"):
+        return nullcontext()
+    (REPO / "build").mkdir(exist_ok=True)
+    return FileLock(REPO / "build/.pytest-doit.lock")
+
+
 def executed_tasks(output: str) -> list[str]:
     """Task names doit ran ('.  name'); up-to-date ones print '-- name'."""
     return [line[3:].strip() for line in output.splitlines() if line.startswith(".  ")]
+
+
+# pytest-xdist (./dev test runs 2 workers, --dist loadgroup): the tests on the one deployed
+# disk (session fixture `installed`: test_runtime_boot, then test_runtime_upgrade) run in
+# order on one worker, everything else in order on the other; two TCG guests at once use
+# both cores (one vCPU each), where one guest alone leaves a core idle.
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses_disk = "installed" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("deployed-disk" if uses_disk else "main"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DOIT, REPO, executed_tasks, run_doit
+from .conftest import DOIT, REPO, doit_lock, executed_tasks, run_doit
 
 pytestmark = pytest.mark.slow
 
@@ -87,22 +87,23 @@ def test_host_grub_upgrade_reruns_only_the_bootable_images(red_build, tmp_path):
 
 def test_sigkill_mid_stage_leaves_nothing_taken_as_done(red_build, red_paths, docker_client):
     target = red_paths.build / "rootfs.squashfs"
-    target.unlink()
-    proc = subprocess.Popen([*DOIT, "build-red:squashfs"], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            parts = list(red_paths.build.glob(".rootfs.squashfs.*.part"))
-            if parts and parts[0].stat().st_size > 1 << 20:
-                break
-            assert proc.poll() is None, "the stage ended before it could be killed"
-            time.sleep(0.2)
-        else:
-            pytest.fail("no partial squashfs appeared within 300 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with doit_lock():
+        target.unlink()
+        proc = subprocess.Popen([*DOIT, "build-red:squashfs"], cwd=REPO, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                parts = list(red_paths.build.glob(".rootfs.squashfs.*.part"))
+                if parts and parts[0].stat().st_size > 1 << 20:
+                    break
+                assert proc.poll() is None, "the stage ended before it could be killed"
+                time.sleep(0.2)
+            else:
+                pytest.fail("no partial squashfs appeared within 300 s")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert not target.exists(), "a killed stage left its output under the final name"
     assert _status()["build-red:squashfs"] == "R"
     run_doit("build-red")
