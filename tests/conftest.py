@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -54,6 +55,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         uses_disk = "installed" in getattr(item, "fixturenames", ())
         item.add_marker(pytest.mark.xdist_group("deployed-disk" if uses_disk else "main"))
+
+
+# A timing log written while the run goes (build/test-times.log): when CI is cut off at
+# its time limit, pytest's --durations summary never prints, and this says where the time went.
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") or report.duration < 1:
+        return   # the controller (or a run without xdist) writes; sub-second phases are noise
+    worker = getattr(getattr(report, "node", None), "gateway", None)
+    line = (f"{time.strftime('%H:%M:%S', time.gmtime())} {getattr(worker, 'id', '-')} {report.when:8} {report.outcome:7} "
+            f"{report.duration:7.1f}s {report.nodeid}\n")
+    (REPO / "build").mkdir(exist_ok=True)
+    with open(REPO / "build/test-times.log", "a") as log:
+        log.write(line)
 
 
 @pytest.fixture(scope="session")
