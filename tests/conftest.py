@@ -22,8 +22,8 @@ DOIT = [sys.executable, "-m", "doit", "--dir", str(REPO)]
 
 def run_doit(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run doit in the repo the way a user does; output captured for assertions. One doit
-    at a time on the repo's build/ (its sqlite dep file, its artifacts): pytest-xdist's
-    workers share it."""
+    at a time on the repo's build/ (its sqlite dep file, its artifacts): ./dev test's two
+    pytest processes share it."""
     full_env = {**os.environ, **(env or {})}
     with doit_lock(full_env):
         proc = subprocess.run([*DOIT, *args], cwd=REPO, capture_output=True, text=True, env=full_env)
@@ -46,24 +46,13 @@ def executed_tasks(output: str) -> list[str]:
     return [line[3:].strip() for line in output.splitlines() if line.startswith(".  ")]
 
 
-# pytest-xdist (./dev test runs 2 workers, --dist loadgroup): the tests on the one deployed
-# disk (session fixture `installed`: test_runtime_boot, then test_runtime_upgrade) run in
-# order on one worker, everything else in order on the other; two TCG guests at once use
-# both cores (one vCPU each), where one guest alone leaves a core idle.
-@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        uses_disk = "installed" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("deployed-disk" if uses_disk else "main"))
-
-
 # A timing log written while the run goes (build/test-times.log): when CI is cut off at
 # its time limit, pytest's --durations summary never prints, and this says where the time went.
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if os.environ.get("PYTEST_XDIST_WORKER") or report.duration < 1:
-        return   # the controller (or a run without xdist) writes; sub-second phases are noise
-    worker = getattr(getattr(report, "node", None), "gateway", None)
-    line = (f"{time.strftime('%H:%M:%S', time.gmtime())} {getattr(worker, 'id', '-')} {report.when:8} {report.outcome:7} "
+    if report.duration < 1:
+        return   # sub-second phases are noise
+    part = os.environ.get("COS_TEST_PART", "-")   # ./dev test runs two pytest processes
+    line = (f"{time.strftime('%H:%M:%S', time.gmtime())} {part} {report.when:8} {report.outcome:7} "
             f"{report.duration:7.1f}s {report.nodeid}\n")
     (REPO / "build").mkdir(exist_ok=True)
     with open(REPO / "build/test-times.log", "a") as log:

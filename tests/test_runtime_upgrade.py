@@ -61,8 +61,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 def user_image(flavor_build: dict, registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Built with the real docker (the mirror reached with --network=host), pushed by docker."""
     ctx = tmp_path_factory.mktemp("user-image")
-    # FROM the image this session built, by its id: test_incremental (on the other xdist
-    # worker) rebuilds the flavor's tag for a while
+    # FROM the image this session built, by its id: test_incremental (in the other pytest
+    # process of ./dev test) rebuilds the flavor's tag for a while
     subprocess.run(["docker", "tag", flavor_build["image"]["id"], BASE_TAG], check=True, capture_output=True)
     (ctx / "Dockerfile").write_text(USER_DOCKERFILE.format(base=BASE_TAG, name=NEW_NAME))
     tag = f"{registry.address}/{REPO_NAME}:{TAG}"
