@@ -75,7 +75,7 @@ def upgrade_recovery(system: System, opts: Options) -> bool:
             pulled = obtain(system, opts, part, work, timings)
             if pulled is None:
                 return False
-            check_cos_image(pulled.rootfs, pulled.image)
+            check_cos_image(system, pulled.rootfs, pulled.image)
             _check_space(pulled.rootfs, part)
             _write(system, pulled.rootfs, part)
             write_record(part / JOURNAL, {"phase": "written", "image": pulled.image})

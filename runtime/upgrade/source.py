@@ -26,6 +26,7 @@ PASSIVE_MODE = "/run/cos/passive_mode"
 WORK_NAME = ".cos-upgrade"
 WORK_CANDIDATES = ("/usr/local", "/var/tmp", "/tmp")   # /usr/local is COS_PERSISTENT when booted
 TOOLKIT = "usr/lib/cos/python-run"                     # what package cos-runtime installs
+SCRIPT_CHECK = ("grub-script-check", "grub2-script-check")
 KERNEL, INITRD = "boot/vmlinuz", "boot/initrd"
 
 
@@ -50,12 +51,30 @@ class Options:
 
 # ---- the source ----------------------------------------------------------------------------
 
-def check_cos_image(rootfs: Path, what: str) -> None:
+def check_cos_image(system: System, rootfs: Path, what: str) -> None:
     """Refuse anything that is not a cOS image, before COS_STATE is touched."""
     missing = [f"/{p}" for p in (KERNEL, INITRD, TOOLKIT, *deploy.MENU) if not deploy.resolve_in(rootfs, p).exists()]
     if missing:
         raise CosError(f"{what} is not a cOS image: it has no {', '.join(missing)}; nothing was changed",
                        "build it FROM a cOS image (flavor red, green, blue or orange)")
+    check_menu(system, rootfs, what)
+
+
+def check_menu(system: System, rootfs: Path, what: str) -> None:
+    """The new image's boot menu replaces the one that boots active AND passive: a menu GRUB
+    cannot parse would leave neither bootable, and boot assessment never gets to run. So
+    grub-script-check (GRUB's own parser; grub2-script-check on Fedora/openSUSE) vets it first."""
+    tool = next((t for t in SCRIPT_CHECK if shutil.which(t)), None)
+    if tool is None:
+        log.warning("no %s here: the new boot menu is not checked before it replaces this one",
+                    " or ".join(SCRIPT_CHECK))
+        return
+    for name in deploy.MENU:
+        proc = system.run([tool, deploy.resolve_in(rootfs, name)], check=False)
+        if proc.returncode != 0:
+            detail = (proc.stdout + proc.stderr).decode(errors="replace").split()
+            raise CosError(f"{what}: its /{name} does not parse ({' '.join(detail)[-200:]}); nothing was changed",
+                           f"fix /{name} in the image (check it with {tool})")
 
 
 def work_dir(system: System, state: Path, tmpdir: Path | None) -> Path:
@@ -159,7 +178,7 @@ def _fetch(system: System, image: str | None, verify: bool, state: Path, work: P
         return None
     if pulled is None:   # "already up to date" cannot happen on a fresh deploy, but be exact
         return None
-    check_cos_image(pulled.rootfs, pulled.image)
+    check_cos_image(system, pulled.rootfs, pulled.image)
     return deploy.Fetched(pulled.rootfs, record_of(pulled))
 
 

@@ -133,7 +133,7 @@ def upgrade(system: System, opts: Options) -> bool:
             pulled = obtain(system, opts, state, work, timings)
             if pulled is None:
                 return False
-            check_cos_image(pulled.rootfs, pulled.image)
+            check_cos_image(system, pulled.rootfs, pulled.image)
             keep_passive = system.path(PASSIVE_MODE).exists()
             if keep_passive:
                 log.info("running the passive system: it stays passive, the new image replaces active")

@@ -101,7 +101,15 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     add_layer(w / "v1", w / "v2", w / "b2", v2_change)
     new_layout(w / "big", w / "b3", lambda r: cos_tree(r, "0.3.0", data_mib=160))
     new_layout(w / "plain", w / "b4", lambda r: (r / "etc").mkdir() or (r / "etc/os-release").write_text("x\n"))
-    return {"v1": w / "v1", "v2": w / "v2", "big": w / "big", "plain": w / "plain"}
+    new_layout(w / "badmenu", w / "b5", bad_menu)
+    return {"v1": w / "v1", "v2": w / "v2", "big": w / "big", "plain": w / "plain", "badmenu": w / "badmenu"}
+
+
+def bad_menu(rootfs: Path) -> None:
+    """A cOS image whose grub.cfg lost a `fi`: GRUB could boot neither active nor passive."""
+    cos_tree(rootfs, "0.4.0")
+    cfg = rootfs / "etc/cos/grub.cfg"
+    cfg.write_text(cfg.read_text() + "if [ -n \"$cos_trial\" ]; then\n  echo trial\n")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +119,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Path]) 
         digests = {"v1": reg.push_dir(images["v1"], NAME, "red-0.1.0-amd64"),
                    "v2": reg.push_dir(images["v2"], NAME, "red-0.2.0-amd64"),
                    "big": reg.push_dir(images["big"], NAME, "big-0.3.0-amd64"),
-                   "plain": reg.push_dir(images["plain"], "library/plain", "1")}
+                   "plain": reg.push_dir(images["plain"], "library/plain", "1"),
+                   "badmenu": reg.push_dir(images["badmenu"], NAME, "badmenu-0.4.0-amd64")}
         reg.push_dir(images["v1"], NAME, "red-latest-amd64")
         yield {"reg": reg, "digests": digests}
     finally:
@@ -272,6 +281,7 @@ def one_error(proc: subprocess.CompletedProcess[str]) -> str:
     ("missing", "does not exist in the registry"),
     ("auth", "the registry needs credentials for"),
     ("space", "COS_STATE has"),
+    ("badmenu", "its /etc/cos/grub.cfg does not parse"),
 ])
 def test_refusals_change_nothing(machine: dict[str, Path], registry: dict[str, object], auth_registry: Registry,
                                  case: str, expected: str) -> None:
@@ -279,7 +289,8 @@ def test_refusals_change_nothing(machine: dict[str, Path], registry: dict[str, o
     assert isinstance(reg, Registry)
     image = {"plain": f"{reg.address}/library/plain:1", "missing": f"{reg.address}/{NAME}:red-9.9.9-amd64",
              "auth": f"{auth_registry.address}/{NAME}:red-0.2.0-amd64",
-             "space": f"{reg.address}/{NAME}:big-0.3.0-amd64"}[case]
+             "space": f"{reg.address}/{NAME}:big-0.3.0-amd64",
+             "badmenu": f"{reg.address}/{NAME}:badmenu-0.4.0-amd64"}[case]
     if case == "auth":
         (machine["root"] / "etc/containers/registries.conf").write_text(auth_registry.registries_conf())
     if case == "space":   # 160 MiB of data: transition.img does not fit beside active and passive
