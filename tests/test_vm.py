@@ -212,6 +212,19 @@ def test_dev_run_machine_persistent_copy_cidata_and_ssh(tmp_path, monkeypatch):
     assert keep.read_bytes()[:4] == b"mine" and artifact.read_bytes()[:4] == b"cOS!"
     plain, _ = vm.run_machine(vm.RunOptions("red", firmware="bios"), work)
     assert plain.drives == [vm.Drive(artifact)] and plain.drives[0].snapshot
+    assert plain.accel == "tcg"   # KVM only with --kvm (nested KVM hangs guests)
+
+
+def test_kvm_is_opt_in_and_only_where_it_runs_the_firmware():
+    """--kvm keeps KVM only where QEMU runs that firmware with it (on this project's CI
+    machine OVMF under KVM stops with "KVM internal error"; test_dev_run_boots_the_iso_on_its_stdio
+    hung on that when KVM was the default)."""
+    for firmware in ("bios", "uefi"):
+        assert vm.accel(vm.RunOptions("red", firmware=firmware)) == "tcg"
+        usable = vm.kvm_usable(firmware)
+        assert vm.accel(vm.RunOptions("red", firmware=firmware, kvm=True)) == ("kvm" if usable else "tcg")
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            assert not usable
 
 
 @pytest.mark.slow
