@@ -15,6 +15,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -79,7 +80,8 @@ class VM:
         cmd = cmd or self.command(vars_file)
         print(f"[{self.name}] $ {' '.join(cmd)}", flush=True)
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        # its own process group: stop() ends QEMU too when `cmd` is a wrapper (./dev run)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
                                      stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": self._tmp.name})
         threading.Thread(target=self._reader, daemon=True).start()
         return self
@@ -91,8 +93,11 @@ class VM:
                 self._buf += chunk
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)   # the group outlives a wrapper that exited
+            except ProcessLookupError:
+                pass
             self.proc.wait(timeout=30)
         if self._tmp:
             self._tmp.cleanup()
