@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,11 @@ WORK_CANDIDATES = ("/usr/local", "/var/tmp", "/tmp")   # /usr/local is COS_PERSI
 TOOLKIT = "usr/lib/cos/python-run"                     # what package cos-runtime installs
 SCRIPT_CHECK = ("grub-script-check", "grub2-script-check")
 KERNEL, INITRD = "boot/vmlinuz", "boot/initrd"
+# What the runtime relies on in a menu (/etc/cos/grub.cfg): entries it boots by id (grubenv
+# next_entry/saved_entry), what each loads, and the grubenv variables of boot assessment.
+MENU_ENTRIES = {"cos": ("COS_STATE", "/cOS/active.img"), "fallback": ("COS_STATE", "/cOS/passive.img"),
+                "recovery": ("COS_RECOVERY",)}
+MENU_VARIABLES = ("next_entry", "saved_entry", "cos_trial", "cos_tried")
 
 
 def record_path(state: Path, image: str) -> Path:
@@ -66,15 +72,49 @@ def check_menu(system: System, rootfs: Path, what: str) -> None:
     grub-script-check (GRUB's own parser; grub2-script-check on Fedora/openSUSE) vets it first."""
     tool = next((t for t in SCRIPT_CHECK if shutil.which(t)), None)
     if tool is None:
-        log.warning("no %s here: the new boot menu is not checked before it replaces this one",
+        log.warning("no %s here: the new boot menu's syntax is not checked before it replaces this one",
                     " or ".join(SCRIPT_CHECK))
-        return
     for name in deploy.MENU:
+        if tool is None:
+            break
         proc = system.run([tool, deploy.resolve_in(rootfs, name)], check=False)
         if proc.returncode != 0:
             detail = (proc.stdout + proc.stderr).decode(errors="replace").split()
             raise CosError(f"{what}: its /{name} does not parse ({' '.join(detail)[-200:]}); nothing was changed",
                            f"fix /{name} in the image (check it with {tool})")
+    problem = menu_problem(deploy.resolve_in(rootfs, deploy.MENU[0]).read_text(errors="replace"))
+    if problem:
+        raise CosError(f"{what}: its /{deploy.MENU[0]} {problem}; nothing was changed",
+                       "keep the entries and grubenv variables of the cos-grub package's menu")
+
+
+def menu_entries(text: str) -> dict[str, str]:
+    """id -> body of each `menuentry ... --id ID {...}` (braces counted; GRUB quoting is
+    not parsed, which the menus we ship and their derivatives do not need)."""
+    entries = {}
+    for m in re.finditer(r"^\s*menuentry\b[^{\n]*?--id[= ]+[\"']?([\w.-]+)[^{\n]*\{", text, re.M):
+        depth, i = 1, m.end()
+        while depth and i < len(text):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        entries[m.group(1)] = text[m.end():i - 1]
+    return entries
+
+
+def menu_problem(text: str) -> str | None:
+    """Why a menu that parses would still not boot the way the runtime expects (a wrong
+    label, a lost fallback entry, boot assessment dropped), or None."""
+    entries = menu_entries(text)
+    for entry, needed in MENU_ENTRIES.items():
+        if entry not in entries:
+            return f"has no menu entry with --id {entry} (the runtime boots it by that id)"
+        missing = [n for n in needed if n not in entries[entry]]
+        if missing:
+            return f"has a menu entry {entry} that does not use {', '.join(missing)}"
+    lost = [v for v in MENU_VARIABLES if v not in text]
+    if lost:
+        return f"does not read grubenv's {', '.join(lost)} (boot selection and assessment)"
+    return None
 
 
 def work_dir(system: System, state: Path, tmpdir: Path | None) -> Path:

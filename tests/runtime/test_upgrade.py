@@ -102,7 +102,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     new_layout(w / "big", w / "b3", lambda r: cos_tree(r, "0.3.0", data_mib=160))
     new_layout(w / "plain", w / "b4", lambda r: (r / "etc").mkdir() or (r / "etc/os-release").write_text("x\n"))
     new_layout(w / "badmenu", w / "b5", bad_menu)
-    return {"v1": w / "v1", "v2": w / "v2", "big": w / "big", "plain": w / "plain", "badmenu": w / "badmenu"}
+    new_layout(w / "wrongmenu", w / "b6", wrong_menu)
+    return {"v1": w / "v1", "v2": w / "v2", "big": w / "big", "plain": w / "plain", "badmenu": w / "badmenu",
+            "wrongmenu": w / "wrongmenu"}
 
 
 def bad_menu(rootfs: Path) -> None:
@@ -110,6 +112,15 @@ def bad_menu(rootfs: Path) -> None:
     cos_tree(rootfs, "0.4.0")
     cfg = rootfs / "etc/cos/grub.cfg"
     cfg.write_text(cfg.read_text() + "if [ -n \"$cos_trial\" ]; then\n  echo trial\n")
+
+
+def wrong_menu(rootfs: Path) -> None:
+    """A menu that parses but whose fallback entry looks for a label no disk has."""
+    cos_tree(rootfs, "0.5.0")
+    cfg = rootfs / "etc/cos/grub.cfg"
+    text = cfg.read_text()
+    head, fallback = text.split('--id fallback', 1)
+    cfg.write_text(head + '--id fallback' + fallback.replace("COS_STATE", "COS_STAT", 1))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +131,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Path]) 
                    "v2": reg.push_dir(images["v2"], NAME, "red-0.2.0-amd64"),
                    "big": reg.push_dir(images["big"], NAME, "big-0.3.0-amd64"),
                    "plain": reg.push_dir(images["plain"], "library/plain", "1"),
-                   "badmenu": reg.push_dir(images["badmenu"], NAME, "badmenu-0.4.0-amd64")}
+                   "badmenu": reg.push_dir(images["badmenu"], NAME, "badmenu-0.4.0-amd64"),
+                   "wrongmenu": reg.push_dir(images["wrongmenu"], NAME, "wrongmenu-0.5.0-amd64")}
         reg.push_dir(images["v1"], NAME, "red-latest-amd64")
         yield {"reg": reg, "digests": digests}
     finally:
@@ -282,6 +294,7 @@ def one_error(proc: subprocess.CompletedProcess[str]) -> str:
     ("auth", "the registry needs credentials for"),
     ("space", "COS_STATE has"),
     ("badmenu", "its /etc/cos/grub.cfg does not parse"),
+    ("wrongmenu", "its /etc/cos/grub.cfg has a menu entry fallback that does not use COS_STATE"),
 ])
 def test_refusals_change_nothing(machine: dict[str, Path], registry: dict[str, object], auth_registry: Registry,
                                  case: str, expected: str) -> None:
@@ -290,7 +303,8 @@ def test_refusals_change_nothing(machine: dict[str, Path], registry: dict[str, o
     image = {"plain": f"{reg.address}/library/plain:1", "missing": f"{reg.address}/{NAME}:red-9.9.9-amd64",
              "auth": f"{auth_registry.address}/{NAME}:red-0.2.0-amd64",
              "space": f"{reg.address}/{NAME}:big-0.3.0-amd64",
-             "badmenu": f"{reg.address}/{NAME}:badmenu-0.4.0-amd64"}[case]
+             "badmenu": f"{reg.address}/{NAME}:badmenu-0.4.0-amd64",
+             "wrongmenu": f"{reg.address}/{NAME}:wrongmenu-0.5.0-amd64"}[case]
     if case == "auth":
         (machine["root"] / "etc/containers/registries.conf").write_text(auth_registry.registries_conf())
     if case == "space":   # 160 MiB of data: transition.img does not fit beside active and passive
