@@ -24,6 +24,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -195,7 +196,8 @@ def test_channel_says_already_up_to_date(upgraded: VM) -> None:
 # ---- refusals: one line each, nothing on disk changed -----------------------------------------
 
 NOT_COS, SMALL_COS, PRIVATE = "cos/not-cos:1", "cos/small-cos:1", "cos/private:1"
-# what check_cos_image looks for: kernel, initrd, our toolkit, the boot menu (all empty here)
+# what check_cos_image looks for: kernel, initrd, our toolkit (placeholders here), the boot menu (the real one)
+MENU_SRC = Path(__file__).resolve().parent.parent / "packages/cos-grub/files"  # the real menu: cos-upgrade vets it
 SMALL_COS_FILES = ("boot/vmlinuz", "boot/initrd", "usr/lib/cos/python-run", "etc/cos/grub.cfg", "etc/cos/bootargs.cfg")
 
 
@@ -208,7 +210,7 @@ def small_images(registry: Registry, auth_registry: Registry, tmp_path_factory: 
         ctx = base / name.replace("/", "_")
         for f in files:
             (ctx / "root" / f).parent.mkdir(parents=True, exist_ok=True)
-            (ctx / "root" / f).write_text("x\n")
+            (ctx / "root" / f).write_text((MENU_SRC / f).read_text() if f.startswith("etc/cos/") else "x\n")
         (ctx / "Dockerfile").write_text("FROM scratch\nCOPY root/ /\n")
         tag = f"{registry.address}/{name}"
         for cmd in (["docker", "build", "-t", tag, str(ctx)], ["docker", "push", tag]):
