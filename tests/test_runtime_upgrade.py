@@ -24,13 +24,13 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.qemu import VM, Drive, GuestForward, Network
 from tests.runtime_vm import BOOT_TIMEOUT, DEPLOY_TIMEOUT, Installed, check
 from tests.servers.registry import Registry, start_registry, stop
+from tests.synthetic import GRUB_PACKAGE
 
 pytestmark = [pytest.mark.slow, pytest.mark.boot]
 
@@ -197,7 +197,6 @@ def test_channel_says_already_up_to_date(upgraded: VM) -> None:
 
 NOT_COS, SMALL_COS, PRIVATE = "cos/not-cos:1", "cos/small-cos:1", "cos/private:1"
 # what check_cos_image looks for: kernel, initrd, our toolkit (placeholders here), the boot menu (the real one)
-MENU_SRC = Path(__file__).resolve().parent.parent / "packages/cos-grub/files"  # the real menu: cos-upgrade vets it
 SMALL_COS_FILES = ("boot/vmlinuz", "boot/initrd", "usr/lib/cos/python-run", "etc/cos/grub.cfg", "etc/cos/bootargs.cfg")
 
 
@@ -210,7 +209,7 @@ def small_images(registry: Registry, auth_registry: Registry, tmp_path_factory: 
         ctx = base / name.replace("/", "_")
         for f in files:
             (ctx / "root" / f).parent.mkdir(parents=True, exist_ok=True)
-            (ctx / "root" / f).write_text((MENU_SRC / f).read_text() if f.startswith("etc/cos/") else "x\n")
+            (ctx / "root" / f).write_text((GRUB_PACKAGE / f).read_text() if f.startswith("etc/cos/") else "x\n")
         (ctx / "Dockerfile").write_text("FROM scratch\nCOPY root/ /\n")
         tag = f"{registry.address}/{name}"
         for cmd in (["docker", "build", "-t", tag, str(ctx)], ["docker", "push", tag]):

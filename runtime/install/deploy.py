@@ -44,7 +44,7 @@ DEFAULT_SOURCE = Path("/run/rootfsbase")
 STATE_MOUNT = "/run/cos/state"
 OEM_MOUNT = "/oem"                 # where the booted system has COS_OEM
 OEM_FALLBACK_MOUNT = "/run/cos/oem"
-STATE_LABEL, OEM_LABEL = "COS_STATE", "COS_OEM"
+STATE_LABEL, OEM_LABEL, RECOVERY_LABEL = "COS_STATE", "COS_OEM", "COS_RECOVERY"
 ACTIVE_LABEL, PASSIVE_LABEL = "COS_ACTIVE", "COS_PASSIVE"
 
 ACTIVE, PASSIVE = "cOS/active.img", "cOS/passive.img"

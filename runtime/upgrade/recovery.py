@@ -19,7 +19,7 @@ from .source import Options, check_cos_image, obtain, work_dir
 
 log = logging.getLogger("cos.upgrade")
 
-RECOVERY_LABEL = "COS_RECOVERY"
+RECOVERY_LABEL = deploy.RECOVERY_LABEL
 RECOVERY_MOUNT = "/run/cos/recovery"
 SQUASHFS = "cOS/recovery.squashfs"
 FILES = (SQUASHFS, "boot/vmlinuz", "boot/initrd", *deploy.MENU)

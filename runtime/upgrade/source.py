@@ -31,8 +31,8 @@ SCRIPT_CHECK = ("grub-script-check", "grub2-script-check")
 KERNEL, INITRD = "boot/vmlinuz", "boot/initrd"
 # What the runtime relies on in a menu (/etc/cos/grub.cfg): entries it boots by id (grubenv
 # next_entry/saved_entry), what each loads, and the grubenv variables of boot assessment.
-MENU_ENTRIES = {"cos": ("COS_STATE", "/cOS/active.img"), "fallback": ("COS_STATE", "/cOS/passive.img"),
-                "recovery": ("COS_RECOVERY",)}
+MENU_ENTRIES = {"cos": (deploy.STATE_LABEL, f"/{deploy.ACTIVE}"), "fallback": (deploy.STATE_LABEL, f"/{deploy.PASSIVE}"),
+                "recovery": (deploy.RECOVERY_LABEL,)}
 MENU_VARIABLES = ("next_entry", "saved_entry", "cos_trial", "cos_tried")
 
 
@@ -74,14 +74,13 @@ def check_menu(system: System, rootfs: Path, what: str) -> None:
     if tool is None:
         log.warning("no %s here: the new boot menu's syntax is not checked before it replaces this one",
                     " or ".join(SCRIPT_CHECK))
-    for name in deploy.MENU:
-        if tool is None:
-            break
-        proc = system.run([tool, deploy.resolve_in(rootfs, name)], check=False)
-        if proc.returncode != 0:
-            detail = (proc.stdout + proc.stderr).decode(errors="replace").split()
-            raise CosError(f"{what}: its /{name} does not parse ({' '.join(detail)[-200:]}); nothing was changed",
-                           f"fix /{name} in the image (check it with {tool})")
+    else:
+        for name in deploy.MENU:
+            proc = system.run([tool, deploy.resolve_in(rootfs, name)], check=False)
+            if proc.returncode != 0:
+                detail = (proc.stdout + proc.stderr).decode(errors="replace").split()
+                raise CosError(f"{what}: its /{name} does not parse ({' '.join(detail)[-200:]}); nothing was changed",
+                               f"fix /{name} in the image (check it with {tool})")
     problem = menu_problem(deploy.resolve_in(rootfs, deploy.MENU[0]).read_text(errors="replace"))
     if problem:
         raise CosError(f"{what}: its /{deploy.MENU[0]} {problem}; nothing was changed",
