@@ -14,7 +14,7 @@ import pytest
 from filelock import FileLock
 
 from pipeline.config import FlavorPaths, build_root, load_flavor
-from tests.runtime_vm import fallback, installed  # noqa: F401  (one deployed disk for all runtime QEMU tests)
+from tests.runtime_vm import installed  # noqa: F401  (one deployed disk for all runtime QEMU tests)
 
 REPO = Path(__file__).resolve().parent.parent
 DOIT = [sys.executable, "-m", "doit", "--dir", str(REPO)]

@@ -1,6 +1,6 @@
 """The deployed red disk shared by the QEMU runtime tests (test_runtime_boot, then
 test_runtime_upgrade): session fixtures, registered once in tests/conftest.py so every
-test file gets the same disk and VM (boots 1-3 of test_runtime_boot's docstring)."""
+test file gets the same disk and VM (boots 1-2 of test_runtime_boot's docstring)."""
 from __future__ import annotations
 
 import time
@@ -126,16 +126,3 @@ def installed(flavor_build, build_dir, tmp_path_factory):
     holder = Installed(disk, first, vm, total)
     yield holder
     holder.vm.stop()
-
-
-@pytest.fixture(scope="session")
-def fallback(installed):
-    """Boot 3: files written on the active system, next_entry=fallback, reboot."""
-    vm = installed.vm
-    vm.run("echo etc > /etc/cos-test-etc && echo home > /home/cos-test-home"
-           " && echo local > /usr/local/cos-test-local && sync")
-    vm.run("grub-editenv /oem/grubenv set next_entry=fallback && sync")
-    installed.vm = reboot(vm, installed.disk, "deploy-boot3-fallback")
-    return installed.vm
-
-

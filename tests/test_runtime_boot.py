@@ -7,10 +7,9 @@ ONE deployed disk is shared by the tests (session fixtures, boots in this order)
      COS_PERSISTENT (the rest), the network stage runs cos-deploy && reboots (QEMU runs
      with -no-reboot: it exits, and is started again on the same disk);
   2. the `cos` entry: active, read-only /, overlays, persistent paths, the users step's
-     ssh key, the broken step logged while the boot reached multi-user;
-  3. files written to /etc, /home, /usr/local, next_entry=fallback set in COS_OEM's
-     grubenv from the running system, reboot: the fallback entry boots passive.img, and
-     only the /etc file is gone.
+     ssh key, the broken step logged while the boot reached multi-user.
+The fallback entry (passive.img; /etc volatile, /home and /usr/local persistent across
+the switch) is booted once, after the upgrade: tests/test_runtime_upgrade.py.
 A second disk copy shows a cos-deploy killed midway (kill -9): recovery still boots and
 the next cos-deploy succeeds. The time from the first power-on of the vanilla disk to
 the login prompt of the deployed system is printed (README: "Measured")."""
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.runtime_vm import (  # its fixtures (installed, fallback) are registered in tests/conftest.py
+from tests.runtime_vm import (  # its fixture `installed` is registered in tests/conftest.py
     BROKEN_STEP,
     LAYOUT_ONLY_USER_DATA,
     SSH_KEY,
@@ -81,24 +80,6 @@ def test_cloud_config_applied_and_broken_step_does_not_stop_the_boot(installed):
     keys = vm.run("cat /home/cosuser/.ssh/authorized_keys")
     check(vm, SSH_KEY in keys, f"authorized_keys: {keys}")
     check(vm, vm.run("hostname") == "cos", "default hostname from /system/oem not applied")
-
-
-def test_fallback_entry_boots_the_passive_image(fallback):
-    vm = fallback
-    cmdline = vm.run("cat /proc/cmdline")
-    check(vm, "cos-img/filename=/cOS/passive.img" in cmdline and "cos.mode=passive" in cmdline, cmdline)
-    vm.run("test -e /run/cos/passive_mode")
-    check(vm, vm.run("blkid -s LABEL -o value $(findmnt -n -o SOURCE /)") == "COS_PASSIVE", "/ is not COS_PASSIVE")
-    out = vm.run("touch /usr/x 2>&1; echo rc=$?", check=False)
-    check(vm, "rc=0" not in out, "passive / is writable")
-
-
-def test_etc_is_volatile_home_and_usr_local_persist(fallback):
-    vm = fallback
-    vm.run("test ! -e /etc/cos-test-etc")
-    check(vm, vm.run("cat /home/cos-test-home") == "home", "/home did not persist")
-    check(vm, vm.run("cat /usr/local/cos-test-local") == "local", "/usr/local did not persist")
-    vm.run("test -d /usr/local/.state/home.bind && test -d /usr/local/.state/etc-ssh.bind")
 
 
 # ---- a cos-deploy killed midway ----

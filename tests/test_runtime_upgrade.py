@@ -8,7 +8,8 @@ session fixture `installed`, tests/runtime_vm.py: its tests run first, then thes
      runs `cos-upgrade --no-verify --reboot -d <that image>`;
   3. after the reboot: `hello` runs, os-release is the new one, the boot was a trial that
      cos-boot-assess marked good; the channel configured -> `cos-upgrade` is already up to
-     date; passive.img holds the old system and the fallback entry boots it.
+     date; passive.img holds the old system and the fallback entry boots it, with /etc
+     volatile and /home, /usr/local persistent across the switch (files written on active).
 The pull / unpack / write split of the in-guest upgrade is printed (README: "Measured").
 
 Then the rollback, on the same disk (no new deployment): a user image FROM the upgraded one
@@ -248,23 +249,46 @@ def test_refusals_say_one_line_and_change_nothing(upgraded: VM, small_images: No
     check(vm, state_snapshot(vm) == before, "refusing for lack of space changed COS_STATE or grubenv")
 
 
-def test_passive_holds_the_old_system_and_the_fallback_boots_it(upgraded: VM, installed: Installed,
-                                                                registry: Registry, auth_registry: Registry) -> None:
-    vm = upgraded
-    img = "/run/initramfs/cos-state/cOS/passive.img"
-    old = vm.run(f"debugfs -R 'cat /etc/os-release' {img} 2>/dev/null; debugfs -R 'cat /usr/lib/os-release' {img}"
-                 " 2>/dev/null")
-    check(vm, "PRETTY_NAME" in old and NEW_NAME not in old, f"passive.img: {old}")
-    vm.run("grub-editenv /oem/grubenv set next_entry=fallback && sync")
-    vm.send("systemctl reboot")
-    vm.wait_exit(180, "did not go down")
+def test_passive_img_holds_the_old_system(upgraded: VM) -> None:
+    img = f"{STATE}/cOS/passive.img"
+    old = upgraded.run(f"debugfs -R 'cat /etc/os-release' {img} 2>/dev/null; debugfs -R 'cat /usr/lib/os-release' {img}"
+                       " 2>/dev/null")
+    check(upgraded, "PRETTY_NAME" in old and NEW_NAME not in old, f"passive.img: {old}")
+
+
+@pytest.fixture(scope="module")
+def fallen_back(upgraded: VM, installed: Installed, registry: Registry, auth_registry: Registry) -> VM:
+    """Files written to /etc, /home and /usr/local on the upgraded active, next_entry=fallback
+    set in COS_OEM's grubenv from the running system, reboot: the fallback entry's boot."""
+    upgraded.run("echo etc > /etc/cos-test-etc && echo home > /home/cos-test-home"
+                 " && echo local > /usr/local/cos-test-local && sync")
+    upgraded.run("grub-editenv /oem/grubenv set next_entry=fallback && sync")
+    upgraded.send("systemctl reboot")
+    upgraded.wait_exit(180, "did not go down")
     vm = networked(installed, registry, auth_registry, "upgrade-boot4-fallback")
     installed.vm = vm
-    check(vm, "cos.mode=passive" in vm.run("cat /proc/cmdline"), "the fallback entry did not boot passive")
+    return vm
+
+
+def test_the_fallback_entry_boots_passive_the_old_system(fallen_back: VM) -> None:
+    vm = fallen_back
+    cmdline = vm.run("cat /proc/cmdline")
+    check(vm, "cos-img/filename=/cOS/passive.img" in cmdline and "cos.mode=passive" in cmdline, cmdline)
+    vm.run("test -e /run/cos/passive_mode")
+    check(vm, vm.run("blkid -s LABEL -o value $(findmnt -n -o SOURCE /)") == "COS_PASSIVE", "/ is not COS_PASSIVE")
+    out = vm.run("touch /usr/x 2>&1; echo rc=$?", check=False)
+    check(vm, "rc=0" not in out, "passive / is writable")
     out = vm.run("command -v hello; true")
     check(vm, out == "", f"passive has the new package: {out}")
     check(vm, NEW_NAME not in vm.run("cat /etc/os-release"), "passive is not the old system")
 
+
+def test_etc_is_volatile_home_and_usr_local_persist(fallen_back: VM) -> None:
+    vm = fallen_back
+    vm.run("test ! -e /etc/cos-test-etc")
+    check(vm, vm.run("cat /home/cos-test-home") == "home", "/home did not persist")
+    check(vm, vm.run("cat /usr/local/cos-test-local") == "local", "/usr/local did not persist")
+    vm.run("test -d /usr/local/.state/home.bind && test -d /usr/local/.state/etc-ssh.bind")
 
 
 # ---- a broken image rolls back by itself ----------------------------------------------------

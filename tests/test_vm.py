@@ -230,15 +230,17 @@ def test_kvm_is_opt_in_and_only_where_it_runs_the_firmware():
 @pytest.mark.slow
 @pytest.mark.boot
 def test_dev_run_boots_the_iso_on_its_stdio(flavor_build, flavor_paths):
-    """`./dev run <flavor> --iso` as a user runs it, stdin/stdout a pipe instead of a
-    terminal: the serial console reaches the login prompt, the NIC has its DHCP address,
-    and poweroff ends QEMU with 0 (reboots would stay inside it)."""
+    """`./dev run <flavor> --iso --bios` as a user runs it, stdin/stdout a pipe instead of a
+    terminal: the serial console reaches the login prompt, the ISO boots live from a CD-ROM
+    under SeaBIOS (test_boot's BIOS ISO boot), the NIC has its DHCP address, and poweroff
+    ends QEMU with 0 (reboots would stay inside it)."""
     from tests.qemu import VM
+    from tests.test_boot import check_live
     console = VM(vm.Drive(Path("-")), firmware="bios", name="dev-run")  # firmware: no OVMF copy needed
-    console.start(cmd=[str(REPO / "dev"), "run", flavor_paths.flavor.name, "--iso"])
+    console.start(cmd=[str(REPO / "dev"), "run", flavor_paths.flavor.name, "--iso", "--bios"])
     try:
         console.login(timeout=400)
-        console.run("test -e /run/cos/live_mode")
+        check_live(console)
         console.run("timeout 180 /usr/lib/systemd/systemd-networkd-wait-online --any", timeout=210)
         assert "inet 10.0.2.15/24" in console.run("ip -4 -o addr show scope global")
         console.poweroff()
