@@ -130,6 +130,27 @@ def test_python_run_runs_the_shipped_module_main(tmp_path):
     assert proc.stdout.strip() == "argv ['a', 'b c']" and proc.returncode == 2  # main's return value
 
 
+def test_python_run_compiles_the_shipped_package_and_runs_it_from_the_pyc(tmp_path):
+    """`python-run --compile` (the image build's setup-image.d/50-runtime-pyc) leaves a
+    checked-hash .pyc beside every module for the interpreter python-run picks; the tool
+    then runs from it (its source changed on disk: the check compiles it again, in memory)."""
+    pkgs = make_repo(tmp_path, "ship:\n  tool: /usr/lib/cos/python/tool\n")
+    shutil.copytree(PACKAGES_DIR / "cos-runtime/files/usr/lib/cos", pkgs / "demo/files/usr/lib/cos",
+                    dirs_exist_ok=True)
+    root = unpack(pkgs, "demo", tmp_path / "img")
+    run = root / "usr/lib/cos/python-run"
+    subprocess.run([run, "--compile"], check=True, cwd="/")
+    pyc = sorted((root / "usr/lib/cos/python/tool").rglob("*.pyc"))
+    assert {p.name.split(".")[0] for p in pyc} == {"__init__", "cli"}, pyc
+    assert all(int.from_bytes(p.read_bytes()[4:8], "little") == 0b11 for p in pyc)
+    before = {p: p.read_bytes() for p in pyc}
+    cli = root / "usr/lib/cos/python/tool/cli.py"
+    cli.write_text(cli.read_text().replace("'argv'", "'ARGV'"))
+    proc = subprocess.run([run, "tool.cli", "x"], capture_output=True, text=True, cwd="/")
+    assert proc.stdout.strip() == "ARGV ['x']" and proc.returncode == 1
+    assert {p: p.read_bytes() for p in pyc} == before  # -B: nothing written at run time
+
+
 def test_python_run_refuses_an_old_python(tmp_path):
     """openSUSE Leap's python3 is 3.6: the launcher must not run it, and must say why."""
     fake = tmp_path / "bin"
