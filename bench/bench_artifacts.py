@@ -14,6 +14,7 @@ login prompt (ISO under OVMF, raw disk under SeaBIOS).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -89,8 +90,10 @@ def by_hand_iso(inp: artifacts.BootInputs, flavor, out: Path, work: Path) -> str
     cmdline = iso.live_cmdline(label, flavor.boot.cmdline)
     esp = by_hand_esp(inp, "esp.img", "search --label --set=root " + label + "\\nconfigfile ($root)/boot/grub/grub.cfg\\n",
                       cd=True)
+    payload, payload_grafts = by_hand_install_payload(inp, flavor)
     return f"""
 cd {work}
+{payload}
 printf 'search --no-floppy --label --set=root {label}\\nconfigfile ($root)/boot/grub/grub.cfg\\n' > early.cfg
 printf 'serial --unit=0 --speed=115200\\nterminal_output serial console\\nmenuentry live {{\\n linux /boot/vmlinuz {cmdline}\\n initrd /boot/initrd\\n}}\\n' > grub.cfg
 grub-mkimage -O i386-pc-eltorito -d {grub}/i386-pc -c early.cfg -p /boot/grub -o eltorito.img {mods}
@@ -103,26 +106,55 @@ xorriso -volume_date all_file_dates ={inp.sde} -as mkisofs -quiet -o {out} -iso-
   --mbr-force-bootable -append_partition 2 0xef esp.img -eltorito-alt-boot \\
   -e --interval:appended_partition_2:all:: -no-emul-boot \\
   /rootfs.squashfs={inp.squashfs} /boot/vmlinuz={inp.kernel} /boot/initrd={inp.initrd} \\
-  /boot/grub/grub.cfg=grub.cfg /boot/grub/i386-pc/eltorito.img=eltorito.img
+  /boot/grub/grub.cfg=grub.cfg /boot/grub/i386-pc/eltorito.img=eltorito.img {payload_grafts}
 openssl dgst -sha256 -r {out} > {out}.sha256
 """
 
 
-def by_hand_raw(inp: artifacts.BootInputs, flavor, out: Path, work: Path) -> str:
+def by_hand_bootloader(inp: artifacts.BootInputs, flavor) -> str:
+    """The raw disk's bootloader in the current directory: the COS_GRUB image efi.img
+    (the partition's size) and GRUB's BIOS core.img."""
     d, grub = flavor.disk, efi.GRUB_LIB
-    parts = disk.layout(d)
-    starts, total = disk.offsets(parts)
     esp = by_hand_esp(inp, "efi.img", "search --label --set=root " + d.recovery.label
                       + "\\nconfigfile ($root)/etc/cos/grub.cfg\\n", cd=False)
-    mods = " ".join(efi.BIOS_MODULES)
+    return f"""
+printf 'search --no-floppy --label --set=root {d.recovery.label}\\nconfigfile ($root)/etc/cos/grub.cfg\\n' > early.cfg
+grub-mkimage -O i386-pc -d {grub}/i386-pc -c early.cfg -p /boot/grub -o core.img {" ".join(efi.BIOS_MODULES)}
+rm -f efi.img; mkfs.vfat -C --invariant -n {d.efi.label} efi.img {d.efi.size_mib * 1024}
+{esp}"""
+
+
+def by_hand_install_payload(inp: artifacts.BootInputs, flavor) -> tuple[str, str]:
+    """(commands, grafts) for the ISO's /cos/install, as pipeline/disk.py's install_payload:
+    the bootloader, efi.img without its trailing zeros, boot.img and install.json."""
+    d = flavor.disk
+    parts = [*disk.layout(d), disk.Part("state", "8300", d.state.size_mib, d.state.label)]
+    table = [{"name": p.name, "type": p.type, "size_mib": p.size_mib, "label": p.label} for p in parts]
+    table.append({"name": "persistent", "type": "8300", "size_mib": d.persistent.size_mib, "label": d.persistent.label})
+    manifest = json.dumps({"format": 1, "partitions": table, "efi_image": "efi.img", "efi_image_size":
+                           d.efi.size_mib * 2**20, "bios_core": "core.img", "bios_boot": "boot.img"})
+    trim = ("import sys; d = open('efi.img', 'rb').read(); "
+            "open('trimmed.img', 'wb').write(d[:-(-len(d.rstrip(bytes(1))) // 512) * 512])")
+    commands = f"""mkdir install; cd install
+{by_hand_bootloader(inp, flavor)}
+python3 -c "{trim}"
+cp {efi.GRUB_LIB}/i386-pc/boot.img boot.img; printf '%s\\n' '{manifest}' > install.json
+cd .."""
+    dest = "/" + disk.INSTALL_DIR
+    grafts = (f"{dest}/efi.img=install/trimmed.img {dest}/core.img=install/core.img "
+              f"{dest}/boot.img=install/boot.img {dest}/install.json=install/install.json")
+    return commands, grafts
+
+
+def by_hand_raw(inp: artifacts.BootInputs, flavor, out: Path, work: Path) -> str:
+    d = flavor.disk
+    parts = disk.layout(d)
+    starts, total = disk.offsets(parts)
     sg = " ".join(f"-n {i}:{s * 2048}:{(s + p.size_mib) * 2048 - 1} -t {i}:{p.type} -c {i}:{p.name}"
                   for i, (p, s) in enumerate(zip(parts, starts), 1))
     return f"""
 cd {work}
-printf 'search --no-floppy --label --set=root {d.recovery.label}\\nconfigfile ($root)/etc/cos/grub.cfg\\n' > early.cfg
-grub-mkimage -O i386-pc -d {grub}/i386-pc -c early.cfg -p /boot/grub -o core.img {mods}
-rm -f efi.img; mkfs.vfat -C --invariant -n {d.efi.label} efi.img {d.efi.size_mib * 1024}
-{esp}
+{by_hand_bootloader(inp, flavor)}
 mkdir -p oem rec/cOS rec/boot rec/etc/cos
 printf '# GRUB Environment Block\\nnext_entry=recovery\\n' > oem/grubenv; truncate -s 1024 oem/grubenv
 cp {inp.squashfs} rec/cOS/recovery.squashfs; cp {inp.kernel} rec/boot/vmlinuz; cp {inp.initrd} rec/boot/initrd
@@ -136,7 +168,7 @@ dd if=efi.img of={out} bs=1M seek={starts[1]} conv=notrunc,sparse status=none
 dd if=oem.img of={out} bs=1M seek={starts[2]} conv=notrunc,sparse status=none
 dd if=rec.img of={out} bs=1M seek={starts[3]} conv=notrunc,sparse status=none
 dd if=core.img of={out} bs=512 seek={starts[0] * 2048} conv=notrunc status=none
-dd if={grub}/i386-pc/boot.img of={out} bs=440 count=1 conv=notrunc status=none
+dd if={efi.GRUB_LIB}/i386-pc/boot.img of={out} bs=440 count=1 conv=notrunc status=none
 openssl dgst -sha256 -r {out} >/dev/null
 """
 

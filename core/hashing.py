@@ -21,15 +21,17 @@ def hash_file(path: Path | str) -> str:
             h.update(zeros[:min(n, CHUNK)])
             n -= CHUNK
 
-    with open(path, "rb") as f:
+    buf = bytearray(CHUNK)  # read into one buffer: a new 4 MiB bytes per read costs page faults
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
         fd, pos = f.fileno(), 0
         size = os.fstat(fd).st_size
         for start, length in data_extents(fd, size):
             zero_fill(start - pos)
             f.seek(start)
-            while length > 0 and (chunk := f.read(min(CHUNK, length))):
-                h.update(chunk)
-                length -= len(chunk)
+            while length > 0 and (n := f.readinto(view[:min(CHUNK, length)])):
+                h.update(view[:n])
+                length -= n
             pos = f.tell()
         zero_fill(size - pos)
     return h.hexdigest()
