@@ -52,9 +52,12 @@ def grub_menu(title: str, cmdline: str, timeout: int = 2) -> str:
 def xorriso_command(out: Path, label: str, grafts: dict[str, Path], esp: Path, sde: int) -> list[str]:
     """xorriso (mkisofs emulation): El Torito BIOS + EFI, hybrid MBR, appended ESP.
     SOURCE_DATE_EPOCH sets the volume dates and UUID, not the files' dates: those are
-    set with the native -volume_date all_file_dates before switching to mkisofs."""
+    set with the native -volume_date all_file_dates before switching to mkisofs. -r, not
+    -R: Rock Ridge modes and owners are rationalized (dirs 0555, files 0444), because
+    xorriso gives the implicit directories of a graft (/boot, /cos) the modes of the
+    source's disk parents, so the ISO differed with the build directory's permissions."""
     return ["xorriso", "-volume_date", "all_file_dates", f"={sde}",
-            "-as", "mkisofs", "-quiet", "-o", str(out), "-iso-level", "3", "-R", "-J",
+            "-as", "mkisofs", "-quiet", "-o", str(out), "-iso-level", "3", "-r", "-J",
             "-joliet-long", "-V", label, "-graft-points",
             "-b", ELTORITO_PATH, "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table",
             "--grub2-boot-info", "--grub2-mbr", str(efi.bios_file("boot_hybrid.img")),

@@ -64,7 +64,12 @@ def test_volume_label_and_tree(built, inputs, tmp_path):
 
 
 def test_reproducible_and_epoch_sensitive(inputs, built, tmp_path):
-    again = iso.build_iso(tmp_path / "again.iso", inputs, label="COS_LIVE", cmdline=CMDLINE, title="cOS test")
+    """Also when built in a directory with other permissions (pytest's are 0700, a build
+    tree's 0755): xorriso gave implicit ISO directories their disk parents' modes."""
+    opened = tmp_path / "open"
+    opened.mkdir()
+    opened.chmod(0o755)
+    again = iso.build_iso(opened / "again.iso", inputs, label="COS_LIVE", cmdline=CMDLINE, title="cOS test")
     assert again.read_bytes() == built.read_bytes()
     later = make_inputs(tmp_path / "later", sde=inputs.sde + 3600)
     other = iso.build_iso(tmp_path / "other.iso", later, label="COS_LIVE", cmdline=CMDLINE, title="cOS test")
