@@ -4,14 +4,19 @@ place (stage_action).
 
 Keys are content, never tags: file_deps are checked by a cached digest (DigestChecker),
 stages hand each other small JSON records (ids, digests) as files, and config that
-changes an output is a `config_changed` key of the task that makes it.
+changes an output is a `config_changed` key of the task that makes it. The stages
+that make files from the image (squashfs, ISO, disks, formats) are keyed on their own
+code as well (code_digest): after an upgrade of cos-pipeline they are made again.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskError, TaskFailed
@@ -48,6 +53,31 @@ def stage_action(fn: Callable, *args) -> tuple:
         return None
     action.__name__ = action.__qualname__ = fn.__name__
     return (action, [])
+
+
+def code_files(module: ModuleType, roots: tuple[str, ...] = ("pipeline", "core")) -> list[Path]:
+    """The source of `module` and of every module of ours (in `roots`) that it uses,
+    transitively: modules it binds, and the modules of the functions/classes it imports."""
+    seen: dict[str, ModuleType] = {}
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        if m.__name__ in seen:
+            continue
+        seen[m.__name__] = m
+        for value in vars(m).values():
+            dep = value if isinstance(value, ModuleType) else sys.modules.get(getattr(value, "__module__", None) or "")
+            if dep is not None and dep.__name__.split(".")[0] in roots and getattr(dep, "__file__", None):
+                todo.append(dep)
+    return sorted(Path(m.__file__) for m in seen.values() if m.__file__)
+
+
+def code_digest(module: ModuleType, roots: tuple[str, ...] = ("pipeline", "core")) -> str:
+    """A stage's key on the code that makes its output (code_files, by content)."""
+    h = hashlib.sha256()
+    for f in code_files(module, roots):
+        h.update(f"{f.parent.name}/{f.name}\0".encode() + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 class DigestChecker(FileChangedChecker):
@@ -130,7 +160,7 @@ def squashfs_task(ctx: FlavorContext) -> Task:
             "file_dep": [ctx.paths.state("image")],
             "targets": [b / "rootfs.squashfs", b / "boot/vmlinuz", b / "boot/initrd"],
             "uptodate": [config_changed({"squashfs": opts.model_dump(),
-                                         "sde": _sde()})],
+                                         "sde": _sde(), "code": code_digest(squashfs)})],
             "actions": [stage_action(squashfs.squashfs_stage, ctx)],
             "clean": True}
 
@@ -146,7 +176,7 @@ def iso_task(ctx: FlavorContext) -> Task:
     return {"name": "iso", "doc": f"hybrid BIOS/UEFI live ISO {out.name} (+ .sha256)",
             "file_dep": _boot_inputs(ctx),
             "targets": [out, out.with_name(out.name + ".sha256")],
-            "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(), "sde": _sde(),
+            "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(), "sde": _sde(), "code": code_digest(iso),
                                          "grub": efi.host_grub_fingerprint(not ctx.flavor.boot.secure_boot)})],
             "actions": [stage_action(iso.iso_stage, ctx)],
             "clean": True}
@@ -158,7 +188,7 @@ def raw_task(ctx: FlavorContext) -> Task:
             "file_dep": _boot_inputs(ctx),
             "targets": [out],
             "uptodate": [config_changed({"disk": ctx.flavor.disk.model_dump(), "sde": _sde(),
-                                         "secure_boot": ctx.flavor.boot.secure_boot,
+                                         "secure_boot": ctx.flavor.boot.secure_boot, "code": code_digest(disk),
                                          "grub": efi.host_grub_fingerprint(not ctx.flavor.boot.secure_boot)})],
             "actions": [stage_action(disk.raw_stage, ctx)],
             "clean": True}
@@ -172,7 +202,7 @@ def format_tasks(ctx: FlavorContext) -> list[Callable[[FlavorContext], Task]]:
             return {"name": kind, "doc": f"{kind} from the raw disk",
                     "file_dep": [raw, c.paths.state("image")],
                     "targets": [artifacts.path(c, kind)],
-                    "uptodate": [config_changed({"sde": _sde()})],
+                    "uptodate": [config_changed({"sde": _sde(), "code": code_digest(formats)})],
                     "actions": [stage_action(formats.format_stage, c, kind)],
                     "clean": True}
         return task
