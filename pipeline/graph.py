@@ -10,6 +10,7 @@ code as well (code_digest): after an upgrade of cos-pipeline they are made again
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -78,6 +79,11 @@ def code_digest(module: ModuleType, roots: tuple[str, ...] = ("pipeline", "core"
     for f in code_files(module, roots):
         h.update(f"{f.parent.name}/{f.name}\0".encode() + f.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+# One digest per stage module per doit run (4 flavors, 3 formats each share them): the
+# sources do not change while the graph is built.
+_stage_code = functools.cache(code_digest)
 
 
 class DigestChecker(FileChangedChecker):
@@ -160,7 +166,7 @@ def squashfs_task(ctx: FlavorContext) -> Task:
             "file_dep": [ctx.paths.state("image")],
             "targets": [b / "rootfs.squashfs", b / "boot/vmlinuz", b / "boot/initrd"],
             "uptodate": [config_changed({"squashfs": opts.model_dump(),
-                                         "sde": _sde(), "code": code_digest(squashfs)})],
+                                         "sde": _sde(), "code": _stage_code(squashfs)})],
             "actions": [stage_action(squashfs.squashfs_stage, ctx)],
             "clean": True}
 
@@ -176,7 +182,7 @@ def iso_task(ctx: FlavorContext) -> Task:
     return {"name": "iso", "doc": f"hybrid BIOS/UEFI live ISO {out.name} (+ .sha256)",
             "file_dep": _boot_inputs(ctx),
             "targets": [out, out.with_name(out.name + ".sha256")],
-            "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(), "sde": _sde(), "code": code_digest(iso),
+            "uptodate": [config_changed({"boot": ctx.flavor.boot.model_dump(), "sde": _sde(), "code": _stage_code(iso),
                                          "grub": efi.host_grub_fingerprint(not ctx.flavor.boot.secure_boot)})],
             "actions": [stage_action(iso.iso_stage, ctx)],
             "clean": True}
@@ -188,7 +194,7 @@ def raw_task(ctx: FlavorContext) -> Task:
             "file_dep": _boot_inputs(ctx),
             "targets": [out],
             "uptodate": [config_changed({"disk": ctx.flavor.disk.model_dump(), "sde": _sde(),
-                                         "secure_boot": ctx.flavor.boot.secure_boot, "code": code_digest(disk),
+                                         "secure_boot": ctx.flavor.boot.secure_boot, "code": _stage_code(disk),
                                          "grub": efi.host_grub_fingerprint(not ctx.flavor.boot.secure_boot)})],
             "actions": [stage_action(disk.raw_stage, ctx)],
             "clean": True}
@@ -202,7 +208,7 @@ def format_tasks(ctx: FlavorContext) -> list[Callable[[FlavorContext], Task]]:
             return {"name": kind, "doc": f"{kind} from the raw disk",
                     "file_dep": [raw, c.paths.state("image")],
                     "targets": [artifacts.path(c, kind)],
-                    "uptodate": [config_changed({"sde": _sde(), "code": code_digest(formats)})],
+                    "uptodate": [config_changed({"sde": _sde(), "code": _stage_code(formats)})],
                     "actions": [stage_action(formats.format_stage, c, kind)],
                     "clean": True}
         return task
